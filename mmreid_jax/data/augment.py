@@ -1,0 +1,84 @@
+"""Image decoding and training augmentations (TensorFlow, stateless random ops).
+
+Every random choice takes an explicit (2,) int seed, so an image's augmentation is a pure
+function of (run seed, step, position in the batch). Images stay uint8 in [0, 255]; the model
+normalises them.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import tensorflow as tf
+
+# Random erasing fills with the ImageNet mean pixel (what the model normalises to zero).
+_MEAN_PIXEL = (124, 116, 104)
+
+
+def decode(encoded: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  """Decodes a PNG/JPEG string to (height, width, 3) uint8, resizing (bilinear) if needed."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  resized = tf.image.resize(image, (height, width), method="bilinear", antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def _random_erasing(image: tf.Tensor, seed: tf.Tensor, config: ml_collections.ConfigDict
+                    ) -> tf.Tensor:
+  """Zhong et al.'s random erasing: one rectangle of random area and aspect, mean-filled."""
+  height, width = image.shape[0], image.shape[1]
+  seeds = tf.random.experimental.stateless_split(seed, 5)
+  area = tf.random.stateless_uniform([], seeds[0], config.erasing_area[0],
+                                     config.erasing_area[1]) * height * width
+  log_ratio = tf.random.stateless_uniform([], seeds[1], tf.math.log(config.erasing_aspect[0]),
+                                          tf.math.log(config.erasing_aspect[1]))
+  ratio = tf.exp(log_ratio)
+  erase_h = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32), 1, height)
+  erase_w = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32), 1, width)
+  top = tf.random.stateless_uniform([], seeds[2], 0, height - erase_h + 1, tf.int32)
+  left = tf.random.stateless_uniform([], seeds[3], 0, width - erase_w + 1, tf.int32)
+  rows = tf.range(height)[:, None]
+  cols = tf.range(width)[None, :]
+  inside = (rows >= top) & (rows < top + erase_h) & (cols >= left) & (cols < left + erase_w)
+  apply = tf.random.stateless_uniform([], seeds[4]) < config.erasing_prob
+  fill = tf.broadcast_to(tf.constant(_MEAN_PIXEL, tf.uint8), image.shape)
+  return tf.where(inside[..., None] & apply, fill, image)
+
+
+def _channel_augmentation(image: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.Tensor:
+  """With `probability`, replaces the three channels by one random channel or by grayscale."""
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  choice = tf.random.stateless_uniform([], seeds[0], 0, 4, tf.int32)
+  as_float = tf.cast(image, tf.float32)
+  options = tf.stack([as_float[..., 0], as_float[..., 1], as_float[..., 2],
+                      tf.image.rgb_to_grayscale(as_float)[..., 0]])
+  single = tf.cast(tf.round(tf.gather(options, choice)), tf.uint8)
+  apply = tf.random.stateless_uniform([], seeds[1]) < probability
+  return tf.where(apply, tf.repeat(single[..., None], 3, axis=-1), image)
+
+
+def augment(image: tf.Tensor, seed: tf.Tensor, is_rgb: tf.Tensor,
+            config: ml_collections.ConfigDict) -> tf.Tensor:
+  """Training augmentation of one (H, W, 3) uint8 image.
+
+  Flip, zero-pad by `config.pad` and random-crop back, random erasing, and (for RGB images)
+  channel augmentation, each switched by `config`.
+
+  Args:
+    image: (H, W, 3) uint8.
+    seed: (2,) int64 stateless seed.
+    is_rgb: scalar bool, whether channel augmentation applies.
+    config: `config.augment` (flip, pad, erasing_prob, erasing_area, erasing_aspect,
+      channel_prob).
+  """
+  height, width = image.shape[0], image.shape[1]
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  if config.flip:
+    image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+  if config.pad > 0:
+    padded = tf.pad(image, [[config.pad, config.pad], [config.pad, config.pad], [0, 0]])
+    image = tf.image.stateless_random_crop(padded, (height, width, 3), seeds[1])
+  if config.erasing_prob > 0:
+    image = _random_erasing(image, seeds[2], config)
+  if config.channel_prob > 0:
+    image = tf.where(is_rgb, _channel_augmentation(image, seeds[3], config.channel_prob), image)
+  return image

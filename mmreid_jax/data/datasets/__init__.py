@@ -1,0 +1,95 @@
+"""Datasets by name: one TFDS builder per dataset, looked up here, never by if/else chains."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mmreid_jax.data.datasets.synthetic_mm import SyntheticMm, SyntheticMmConfig
+
+DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    "synthetic_mm": SyntheticMm,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+  """One split held in memory as encoded images and labels, N rows.
+
+  Attributes:
+    images: (N,) object array of encoded PNG/JPEG bytes.
+    pids: (N,) int64 identities.
+    camids: (N,) int64 cameras.
+    modalities: (N,) int64 indices into `modality_names`.
+    tuple_ids: (N,) int64 capture ids (rows sharing one were captured together), or -1.
+    paths: (N,) object array of original relative paths.
+    modality_names: the dataset's ordered modality list.
+  """
+
+  images: np.ndarray
+  pids: np.ndarray
+  camids: np.ndarray
+  modalities: np.ndarray
+  tuple_ids: np.ndarray
+  paths: np.ndarray
+  modality_names: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return len(self.pids)
+
+  def subset(self, rows: np.ndarray) -> "ImageSet":
+    """The rows `rows` (indices or a boolean mask) as a new ImageSet."""
+    return ImageSet(self.images[rows], self.pids[rows], self.camids[rows],
+                    self.modalities[rows], self.tuple_ids[rows], self.paths[rows],
+                    self.modality_names)
+
+
+def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """The builder for `name` ("dataset" or "dataset/config", e.g. "synthetic_mm/demo")."""
+  dataset, _, config = name.partition("/")
+  if dataset not in DATASETS:
+    raise ValueError(f"Unknown dataset {dataset!r} in config.data.name={name!r}; "
+                     f"known datasets: {sorted(DATASETS)}.")
+  builder_cls = DATASETS[dataset]
+  known = [c.name for c in builder_cls.BUILDER_CONFIGS]
+  if config and config not in known:
+    raise ValueError(f"Unknown config {config!r} of dataset {dataset!r} in "
+                     f"config.data.name={name!r}; known configs: {known}.")
+  return builder_cls(config=config or None, data_dir=data_dir)
+
+
+def modality_names(name: str) -> tuple[str, ...]:
+  """The ordered modality list of dataset `name`, without preparing it."""
+  dataset = name.partition("/")[0]
+  if dataset not in DATASETS:
+    raise ValueError(f"Unknown dataset {dataset!r}; known datasets: {sorted(DATASETS)}.")
+  return tuple(DATASETS[dataset].MODALITIES)
+
+
+def load_split(builder: tfds.core.DatasetBuilder, split: str) -> ImageSet:
+  """Reads split `split` of a prepared builder into memory, images left encoded."""
+  if split not in builder.info.splits:
+    raise ValueError(f"Dataset {builder.info.full_name} has no split {split!r}; "
+                     f"splits: {sorted(builder.info.splits)}.")
+  dataset = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()},
+                               shuffle_files=False)
+  columns: dict[str, list] = {k: [] for k in ("image", "pid", "camid", "modality", "tuple_id",
+                                             "path")}
+  for example in dataset.as_numpy_iterator():
+    for key, values in columns.items():
+      values.append(example.get(key, -1))
+  order = np.argsort(np.array(columns["path"], dtype=object).astype(str), kind="stable")
+
+  def column(key: str, dtype) -> np.ndarray:
+    array = np.empty(len(columns[key]), dtype=object) if dtype is object else None
+    if array is not None:
+      array[:] = columns[key]
+      return array[order]
+    return np.asarray(columns[key], dtype=dtype)[order]
+
+  return ImageSet(images=column("image", object), pids=column("pid", np.int64),
+                  camids=column("camid", np.int64), modalities=column("modality", np.int64),
+                  tuple_ids=column("tuple_id", np.int64), paths=column("path", object),
+                  modality_names=tuple(builder.MODALITIES))

@@ -1,0 +1,233 @@
+"""Training losses for multimodal re-identification (DESIGN.md section 4).
+
+Per-sample inputs are flattened over (batch, modality): ``N = B * M`` rows, and
+``valid`` of shape ``(N,)`` marks the rows whose modality is present. Invalid rows
+are replaced by zeros with ``jnp.where`` before any arithmetic, so whatever they
+hold (including NaN or inf) influences neither the value nor the gradient, and
+their gradient is exactly zero. Every function computes in float32, has static
+shapes and is jit-able; a loss with nothing to average over returns 0.0.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+
+_NORM_EPS = 1e-12
+_DIST_EPS = 1e-12
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of ``values`` where ``mask`` is true, 0.0 when it is nowhere true; both ``(K,)``."""
+  total = jnp.sum(jnp.where(mask, values, 0.0))
+  count = jnp.sum(mask.astype(jnp.float32))
+  return total / jnp.maximum(count, 1.0)
+
+
+def _rows_where(valid: jax.Array, x: jax.Array, fill: float | int = 0) -> jax.Array:
+  """``x`` ``(N, ...)`` with the rows where ``valid`` ``(N,)`` is false set to ``fill``."""
+  cond = valid.reshape(valid.shape + (1,) * (x.ndim - 1))
+  return jnp.where(cond, x, jnp.asarray(fill, x.dtype))
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  """Rows of ``x`` ``(K, D)`` over ``max(||row||, 1e-12)``; zero rows have finite gradient."""
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS**2))
+
+
+def _pairwise_distances(x: jax.Array) -> jax.Array:
+  """Euclidean distances ``(N, N)`` between the rows of ``x`` ``(N, D)``, finite gradient at 0."""
+  sq = jnp.sum(x * x, axis=-1)
+  gram = jnp.matmul(x, x.T, precision=_HIGHEST)
+  d2 = sq[:, None] + sq[None, :] - 2.0 * gram
+  return jnp.sqrt(jnp.maximum(d2, _DIST_EPS))
+
+
+def cosine_cross_entropy(
+  embeddings: jax.Array,
+  class_weights: jax.Array,
+  labels: jax.Array,
+  valid: jax.Array,
+  scale: jax.Array,
+  margin: float = 0.0,
+) -> jax.Array:
+  """Scaled cosine softmax cross-entropy with an additive cosine margin (CosFace).
+
+  Args:
+    embeddings: ``(N, D)`` features.
+    class_weights: ``(C, D)`` identity class weights.
+    labels: ``(N,)`` int identity class of each row.
+    valid: ``(N,)`` bool, rows that count.
+    scale: scalar array, positive logit scale ``s``.
+    margin: additive margin ``m`` subtracted from the true-class cosine.
+
+  Returns:
+    Scalar mean over valid rows of the cross-entropy of
+    ``logits = s * (cos(f, w_c) - m * onehot(label))``; 0.0 with no valid row.
+  """
+  f = _l2_normalize(_rows_where(valid, embeddings.astype(jnp.float32)))
+  w = _l2_normalize(class_weights.astype(jnp.float32))
+  cos = jnp.matmul(f, w.T, precision=_HIGHEST)
+  onehot = jax.nn.one_hot(jnp.where(valid, labels, 0), w.shape[0], dtype=jnp.float32)
+  logits = jnp.asarray(scale, jnp.float32) * (cos - jnp.asarray(margin, jnp.float32) * onehot)
+  ce = -jnp.sum(onehot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  return _masked_mean(ce, valid)
+
+
+def cross_modal_triplet(
+  embeddings: jax.Array,
+  pids: jax.Array,
+  modalities: jax.Array,
+  valid: jax.Array,
+  margin: float = 0.3,
+  soft_margin: bool = False,
+) -> jax.Array:
+  """Batch-hard triplet loss whose positives and negatives come from other modalities.
+
+  For each valid anchor ``i`` the hardest positive is the farthest valid row with the
+  same pid and a different modality, the hardest negative the nearest valid row with a
+  different pid and a different modality.
+
+  Args:
+    embeddings: ``(N, D)`` features.
+    pids: ``(N,)`` int person ids.
+    modalities: ``(N,)`` int modality index of each row.
+    valid: ``(N,)`` bool, rows that count.
+    margin: hinge margin (ignored when ``soft_margin``).
+    soft_margin: use ``softplus(d_ap - d_an)`` instead of ``relu(d_ap - d_an + margin)``.
+
+  Returns:
+    Scalar mean over anchors having at least one such positive and one such negative;
+    0.0 when there is none.
+  """
+  x = _rows_where(valid, embeddings.astype(jnp.float32))
+  dist = _pairwise_distances(x)
+  both_valid = valid[:, None] & valid[None, :]
+  cross = both_valid & (modalities[:, None] != modalities[None, :])
+  same_pid = pids[:, None] == pids[None, :]
+  pos = cross & same_pid
+  neg = cross & ~same_pid
+  has_pos = jnp.any(pos, axis=1)
+  has_neg = jnp.any(neg, axis=1)
+  d_ap = jnp.max(jnp.where(pos, dist, 0.0), axis=1)
+  d_an = jnp.min(jnp.where(neg, dist, jnp.finfo(jnp.float32).max), axis=1)
+  gap = d_ap - d_an
+  if soft_margin:
+    per_anchor = jax.nn.softplus(gap)
+  else:
+    per_anchor = jax.nn.relu(gap + jnp.asarray(margin, jnp.float32))
+  return _masked_mean(per_anchor, valid & has_pos & has_neg)
+
+
+def center_alignment(
+  embeddings: jax.Array,
+  pids: jax.Array,
+  modalities: jax.Array,
+  valid: jax.Array,
+  num_modalities: int,
+) -> jax.Array:
+  """Squared distance between per-(pid, modality) batch centres of the same pid.
+
+  ``c_{p,m}`` is the mean of the valid rows with pid ``p`` and modality ``m``. Each pid
+  is represented by its first valid row, which keeps every shape static.
+
+  Args:
+    embeddings: ``(N, D)`` features.
+    pids: ``(N,)`` int person ids.
+    modalities: ``(N,)`` int modality index in ``[0, num_modalities)``.
+    valid: ``(N,)`` bool, rows that count.
+    num_modalities: ``M``, number of modalities (static).
+
+  Returns:
+    Scalar mean of ``||c_{p,m} - c_{p,n}||^2`` over pids ``p`` and modality pairs
+    ``m < n`` with both centres defined; 0.0 when there is no such pair.
+  """
+  x = _rows_where(valid, embeddings.astype(jnp.float32))
+  n = x.shape[0]
+  same = valid[:, None] & valid[None, :] & (pids[:, None] == pids[None, :])
+  earlier = jnp.tril(jnp.ones((n, n), dtype=bool), k=-1)
+  is_first = valid & ~jnp.any(same & earlier, axis=1)
+  mod_onehot = _rows_where(valid, jax.nn.one_hot(modalities, num_modalities, dtype=jnp.float32))
+  weights = same.astype(jnp.float32)[:, None, :] * mod_onehot.T[None, :, :]
+  counts = jnp.sum(weights, axis=-1)
+  sums = jnp.einsum("imj,jd->imd", weights, x, precision=_HIGHEST)
+  centres = sums / jnp.maximum(counts, 1.0)[..., None]
+  defined = counts > 0
+  pairs = list(itertools.combinations(range(num_modalities), 2))
+  if not pairs:
+    return jnp.zeros((), jnp.float32)
+  first = jnp.array([a for a, _ in pairs])
+  second = jnp.array([b for _, b in pairs])
+  diff = centres[:, first, :] - centres[:, second, :]
+  sq = jnp.sum(diff * diff, axis=-1)
+  pair_ok = is_first[:, None] & defined[:, first] & defined[:, second]
+  return _masked_mean(sq.reshape(-1), pair_ok.reshape(-1))
+
+
+def modality_classification_loss(
+  logits: jax.Array,
+  modalities: jax.Array,
+  valid: jax.Array,
+) -> jax.Array:
+  """Discriminator objective: softmax cross-entropy of the true modality.
+
+  Args:
+    logits: ``(N, M)`` discriminator logits.
+    modalities: ``(N,)`` int true modality of each row.
+    valid: ``(N,)`` bool, rows that count.
+
+  Returns:
+    Scalar mean over valid rows; 0.0 with no valid row.
+  """
+  z = _rows_where(valid, logits.astype(jnp.float32))
+  onehot = jax.nn.one_hot(jnp.where(valid, modalities, 0), z.shape[-1], dtype=jnp.float32)
+  ce = -jnp.sum(onehot * jax.nn.log_softmax(z, axis=-1), axis=-1)
+  return _masked_mean(ce, valid)
+
+
+def modality_confusion_loss(logits: jax.Array, valid: jax.Array) -> jax.Array:
+  """Generator's adversarial objective: cross-entropy against the uniform distribution.
+
+  Args:
+    logits: ``(N, M)`` discriminator logits.
+    valid: ``(N,)`` bool, rows that count.
+
+  Returns:
+    Scalar mean over valid rows of ``-(1/M) * sum_m log_softmax(logits)_m``; its minimum,
+    reached by a uniform prediction, is ``log M``. 0.0 with no valid row.
+  """
+  z = _rows_where(valid, logits.astype(jnp.float32))
+  ce = -jnp.mean(jax.nn.log_softmax(z, axis=-1), axis=-1)
+  return _masked_mean(ce, valid)
+
+
+def masked_reconstruction_loss(
+  reconstruction: jax.Array,
+  target: jax.Array,
+  mask: jax.Array,
+  valid: jax.Array,
+) -> jax.Array:
+  """Mean squared error over the masked positions of valid rows.
+
+  Args:
+    reconstruction: ``(N, h, w, C)`` predicted values.
+    target: ``(N, h, w, C)`` values to recover (not stop-gradiented here).
+    mask: ``(N, h, w)`` bool or float, 1 where the position was masked (a fractional
+    value weights the position).
+    valid: ``(N,)`` bool, rows that count.
+
+  Returns:
+    Scalar ``sum (r - t)^2 / (number of masked positions * C)`` over valid rows;
+    0.0 when no valid row has a masked position.
+  """
+  m = _rows_where(valid, mask.astype(jnp.float32))
+  keep = (m != 0.0)[..., None]
+  r = jnp.where(keep, reconstruction.astype(jnp.float32), 0.0)
+  t = jnp.where(keep, target.astype(jnp.float32), 0.0)
+  err = jnp.sum(jnp.square(r - t) * m[..., None])
+  denom = jnp.sum(m) * jnp.float32(reconstruction.shape[-1])
+  return jnp.where(denom > 0, err / jnp.where(denom > 0, denom, 1.0), 0.0)

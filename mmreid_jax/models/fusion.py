@@ -1,0 +1,128 @@
+"""Three-branch multimodal fusion (paper section 2.3, DESIGN.md section 3).
+
+On the attended maps F'_m (B, S, h, w, C):
+1. intra-modal enhancement: f1_m = Dense(GAP(F'_m) + GMP(F'_m)) -> D (a 1x1 conv on the pooled
+   vector), shared over modalities.
+2. cross-modal correlation: P horizontal stripes p_m^i; for stripe i,
+   corr_i = sum over present pairs (m, n), (m, m) included, of W_i[m, n] * Linear_i([p_m^i ; p_n^i]),
+   W_i a learned table normalised by a softmax over the present pairs. corr is a property of the
+   sample, so every present slot of a sample carries the same P stripe features.
+3. modal-discrepancy suppression: in training a Bernoulli(p) spatial mask, p ~ U[0.1, 0.3] per
+   sample, zeroes positions of F'_m; a conv recovery network R rebuilds them and the branch output
+   is F'_m + R(F'_m * (1 - M)), pooled and projected to D. At test time there is no mask. The
+   reconstruction error of R on masked positions (target F'_m, gradient stopped) is returned for
+   the loss; the recovered features reach the modality discriminator as the branch-3 part of the
+   embedding, which is how recovery is trained adversarially.
+The embedding of a slot is concat(a1 * f1, a2 * corr_1..P, a3 * f3) with learned scalars a_k,
+of size 2 * D + P * part_dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmreid_jax.models.attention import masked_softmax
+from mmreid_jax.models.layers import global_pool, horizontal_stripes
+
+
+class MultimodalFusion(nn.Module):
+  """The three fusion branches.
+
+  Attributes:
+    num_modalities: modalities of the dataset (size of the correlation weight tables).
+    embed_dim: D, width of branches 1 and 3.
+    num_stripes: P horizontal stripes of branch 2.
+    part_dim: width of each stripe feature.
+    mask_range: (low, high) of the per-sample masking probability of branch 3.
+    recovery_reduction: channel reduction inside the recovery network R.
+    dtype: compute dtype.
+  """
+
+  num_modalities: int
+  embed_dim: int = 512
+  num_stripes: int = 6
+  part_dim: int = 128
+  mask_range: tuple[float, float] = (0.1, 0.3)
+  recovery_reduction: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, present: jax.Array, modalities: tuple[int, ...],
+               train: bool) -> dict[str, jax.Array]:
+    """Fuses attended features.
+
+    Args:
+      features: F' of shape (B, S, h, w, C), slot s holding modality `modalities[s]`.
+      present: (B, S) bool.
+      modalities: dataset modality index of each slot (static).
+      train: apply the branch-3 mask (needs the "mask" RNG stream).
+
+    Returns:
+      "embedding": (B, S, 2 * D + P * part_dim) float32, pre-BNNeck;
+      "reconstruction", "reconstruction_target": (B, S, h, w, C) float32 and
+      "reconstruction_mask": (B, S, h, w) bool (all false at test time).
+    """
+    batch, slots, height, width, channels = features.shape
+    dense = lambda dim, name: nn.Dense(dim, dtype=self.dtype, name=name)
+
+    intra = dense(self.embed_dim, "intra_projection")(
+        global_pool(features, "avg") + global_pool(features, "max"))
+
+    stripes = horizontal_stripes(features, self.num_stripes)  # (B, S, P, C)
+    init = nn.initializers.lecun_normal()
+    left = self.param("corr_left", init, (self.num_stripes, channels, self.part_dim))
+    right = self.param("corr_right", init, (self.num_stripes, channels, self.part_dim))
+    bias = self.param("corr_bias", nn.initializers.zeros, (self.num_stripes, self.part_dim))
+    pair_logits = self.param("corr_pair_logits", nn.initializers.zeros,
+                             (self.num_stripes, self.num_modalities, self.num_modalities))
+    stripes_c = stripes.astype(self.dtype)
+    left_part = jnp.einsum("bspc,pcd->bspd", stripes_c, left.astype(self.dtype))
+    right_part = jnp.einsum("bspc,pcd->bspd", stripes_c, right.astype(self.dtype))
+    pair_features = (left_part[:, :, None] + right_part[:, None, :]
+                     + bias.astype(self.dtype))  # (B, S, S, P, d)
+    slot_index = jnp.asarray(modalities)
+    logits = pair_logits[:, slot_index][:, :, slot_index]  # (P, S, S)
+    pair_present = present[:, :, None] & present[:, None, :]  # (B, S, S)
+    flat_logits = jnp.broadcast_to(logits[None], (batch,) + logits.shape).reshape(
+        batch, self.num_stripes, slots * slots)
+    flat_present = jnp.broadcast_to(pair_present[:, None], flat_logits.shape[:2] + (slots, slots)
+                                    ).reshape(flat_logits.shape)
+    pair_weights = masked_softmax(flat_logits, flat_present).reshape(
+        batch, self.num_stripes, slots, slots)
+    correlation = jnp.einsum("bpmn,bmnpd->bpd", pair_weights.astype(self.dtype), pair_features)
+    correlation = jnp.broadcast_to(correlation.reshape(batch, 1, -1),
+                                   (batch, slots, self.num_stripes * self.part_dim))
+
+    if train:
+      rng_p, rng_m = jax.random.split(self.make_rng("mask"))
+      probability = jax.random.uniform(rng_p, (batch, 1, 1, 1), minval=self.mask_range[0],
+                                       maxval=self.mask_range[1])
+      mask = jax.random.uniform(rng_m, (batch, slots, height, width)) < probability
+    else:
+      mask = jnp.zeros((batch, slots, height, width), bool)
+    masked_input = features * (~mask)[..., None].astype(features.dtype)
+    hidden = max(channels // self.recovery_reduction, 1)
+    flat = masked_input.reshape((batch * slots, height, width, channels))
+    recovered = nn.Conv(hidden, (3, 3), padding="SAME", dtype=self.dtype,
+                        name="recovery_conv1")(flat)
+    recovered = nn.Conv(channels, (3, 3), padding="SAME", dtype=self.dtype,
+                        name="recovery_conv2")(nn.relu(recovered))
+    recovered = recovered.reshape(features.shape)
+    suppressed = dense(self.embed_dim, "suppression_projection")(
+        global_pool(features + recovered, "avg"))
+
+    branch_scale = self.param("branch_scale", nn.initializers.ones, (3,))
+    embedding = jnp.concatenate([
+        branch_scale[0] * intra.astype(jnp.float32),
+        branch_scale[1] * correlation.astype(jnp.float32),
+        branch_scale[2] * suppressed.astype(jnp.float32)], axis=-1)
+    return {
+        "embedding": embedding,
+        "reconstruction": recovered.astype(jnp.float32),
+        "reconstruction_target": jax.lax.stop_gradient(features.astype(jnp.float32)),
+        "reconstruction_mask": mask,
+    }

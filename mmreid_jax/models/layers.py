@@ -1,0 +1,92 @@
+"""Layers shared by the backbone and the heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class MaskedBatchNorm(nn.Module):
+  """BatchNorm whose batch statistics count only the samples marked present.
+
+  Training batches carry modality slots that are absent for some samples (zero images): they must
+  not shift the statistics, or training and test would normalise differently. With every sample
+  present this is ordinary BatchNorm (PyTorch convention: momentum 0.1 on the new value, biased
+  batch variance for normalising). Variables: params `scale`, `bias`; batch_stats `mean`, `var`.
+
+  Attributes:
+    use_bias: learn a shift (False for the BNNeck).
+    momentum: weight of the old running statistic in the update.
+    epsilon: added to the variance.
+    dtype: output dtype (statistics are always float32).
+  """
+
+  use_bias: bool = True
+  use_scale: bool = True
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  scale_init: nn.initializers.Initializer = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Normalises x of shape (B, ..., C); `mask` (B,) bool marks the samples that count."""
+    features = x.shape[-1]
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      if mask is None:
+        mask = jnp.ones(x.shape[:1], bool)
+      weight = mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+      count = jnp.sum(weight) * (x32.size // (x.shape[0] * features))
+      safe_count = jnp.maximum(count, 1.0)
+      mean = jnp.sum(x32 * weight, axis=axes) / safe_count
+      var = jnp.sum(weight * jnp.square(x32 - mean), axis=axes) / safe_count
+      if not self.is_initializing():
+        any_present = count > 0
+        running_mean.value = jnp.where(
+            any_present, self.momentum * running_mean.value + (1 - self.momentum) * mean,
+            running_mean.value)
+        running_var.value = jnp.where(
+            any_present, self.momentum * running_var.value + (1 - self.momentum) * var,
+            running_var.value)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      y = y * self.param("scale", self.scale_init, (features,), jnp.float32)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    return y.astype(self.dtype)
+
+
+def global_pool(x: jax.Array, kind: str) -> jax.Array:
+  """Pools (..., h, w, C) over h and w with "avg" or "max" into (..., C)."""
+  if kind == "avg":
+    return jnp.mean(x, axis=(-3, -2))
+  if kind == "max":
+    return jnp.max(x, axis=(-3, -2))
+  raise ValueError(f"Unknown pooling {kind!r}; expected 'avg' or 'max'.")
+
+
+def horizontal_stripes(x: jax.Array, num_stripes: int) -> jax.Array:
+  """Average-pools (..., h, w, C) into (..., num_stripes, C) horizontal stripes.
+
+  Stripe i covers rows floor(i * h / P) to ceil((i + 1) * h / P), the bins of PyTorch's
+  adaptive average pooling, so any h >= 1 works (stripes overlap when h < P).
+  """
+  h = x.shape[-3]
+  stripes = []
+  for i in range(num_stripes):
+    start = (i * h) // num_stripes
+    end = -((-(i + 1) * h) // num_stripes)
+    stripes.append(jnp.mean(x[..., start:end, :, :], axis=(-3, -2)))
+  return jnp.stack(stripes, axis=-2)

@@ -1,0 +1,39 @@
+"""The two things a user runs: train then evaluate, or evaluate a saved checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+
+from mmreid_jax import evaluate, train
+
+
+def _evaluate_state(trainer: train.Trainer, state: train.TrainState) -> dict[str, Any]:
+  report = evaluate.evaluate_model(
+      trainer.config, trainer.builder, trainer.model,
+      {"params": state.params, "batch_stats": state.batch_stats}, int(state.step),
+      trainer.workdir, trainer.batch_sharding)
+  if jax.process_index() == 0:
+    print(evaluate.format_table(report), flush=True)
+  return report
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates."""
+  trainer = train.Trainer(config, workdir)
+  state = trainer.train()
+  return _evaluate_state(trainer, state)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None) -> dict[str, Any]:
+  """Evaluates the checkpoint of `step` (default: the newest) in `workdir`."""
+  trainer = train.Trainer(config, workdir)
+  manager = trainer.checkpoint_manager()
+  try:
+    state = trainer.restore(manager, step)
+  finally:
+    manager.close()
+  return _evaluate_state(trainer, state)

@@ -1,0 +1,411 @@
+"""Training: the train state, the min-max step, the loop, checkpoints and metric writers.
+
+One jitted `train_step` does two optax updates (DESIGN.md section 4):
+1. the generator (backbone, attention, fusion, BNNeck, classifier) minimises
+   w_ce * CE + w_tri * triplet + w_cen * center + w_con * confusion + w_rec * reconstruction
+   with the discriminator's parameters held fixed;
+2. the discriminator minimises its modality cross-entropy on the generator's pre-BNNeck
+   features of this step (computed before the generator update, gradient stopped).
+The step runs under `jax.jit` over a `Mesh` of every device with the batch sharded on the `data`
+axis and the state replicated, so BatchNorm statistics and triplet mining see the global batch
+and a step on N devices equals the step on one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mmreid_jax import losses
+from mmreid_jax.data import datasets
+from mmreid_jax.data.pipeline import train_batches
+from mmreid_jax.data.sampling import TupleSampler
+from mmreid_jax.models import MODELS, ModalityDiscriminator
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a step reads and writes; the two optax transforms are static fields."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  disc_params: Any
+  disc_opt_state: optax.OptState
+  rng: jax.Array
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  disc_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                num_modalities: int) -> tuple[nn.Module, nn.Module]:
+  """The ReID network named by `config.model.name` and its modality discriminator."""
+  if config.dtype not in DTYPES:
+    raise ValueError(f"config.dtype={config.dtype!r}; expected one of {sorted(DTYPES)}.")
+  model_cfg = config.model
+  if model_cfg.name not in MODELS:
+    raise ValueError(f"config.model.name={model_cfg.name!r}; known models: {sorted(MODELS)}.")
+  model = MODELS[model_cfg.name](
+      num_classes=num_classes, num_modalities=num_modalities, depth=model_cfg.depth,
+      width=model_cfg.width, last_stride=model_cfg.last_stride,
+      specific_stages=model_cfg.specific_stages, embed_dim=model_cfg.embed_dim,
+      num_stripes=model_cfg.num_stripes, part_dim=model_cfg.part_dim,
+      attention_reduction=model_cfg.attention_reduction,
+      attention_dim=model_cfg.attention_dim, dtype=DTYPES[config.dtype])
+  discriminator = ModalityDiscriminator(num_modalities, model_cfg.discriminator_hidden)
+  return model, discriminator
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, batch_size: int,
+                           num_train_steps: int) -> optax.Schedule:
+  """Linear warm-up to the peak rate, then "cosine", "step" or "constant" decay.
+
+  The peak is `base_learning_rate`, times batch / 64 when `scale_by_batch` (the linear scaling
+  rule, with the batch counted in tuples).
+  """
+  peak = optim.base_learning_rate * (batch_size / 64 if optim.scale_by_batch else 1.0)
+  warmup = optim.warmup_steps
+  remaining = max(num_train_steps - warmup, 1)
+  if optim.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, remaining)
+  elif optim.schedule == "step":
+    decay = optax.piecewise_constant_schedule(
+        peak, {int(f * num_train_steps) - warmup: optim.decay_factor
+               for f in optim.decay_boundaries})
+  elif optim.schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"Unknown learning-rate schedule {optim.schedule!r}; expected 'cosine', "
+                     "'step' or 'constant'.")
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def _weight_decay_mask(params: Any) -> Any:
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict, optax.Schedule],
+                               optax.GradientTransformation]] = {
+    "sgd": lambda o, lr: optax.chain(
+        optax.add_decayed_weights(o.get("weight_decay", 0.0), _weight_decay_mask),
+        optax.sgd(lr, momentum=o.get("momentum", 0.9), nesterov=o.get("nesterov", False))),
+    "adam": lambda o, lr: optax.chain(
+        optax.add_decayed_weights(o.get("weight_decay", 0.0), _weight_decay_mask),
+        optax.adam(lr)),
+    "adamw": lambda o, lr: optax.adamw(lr, weight_decay=o.get("weight_decay", 0.0),
+                                       mask=_weight_decay_mask),
+}
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, batch_size: int,
+                   num_train_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optax transform named by `optim.name` and its schedule."""
+  if optim.name not in OPTIMIZERS:
+    raise ValueError(f"Unknown optimizer {optim.name!r}; known: {sorted(OPTIMIZERS)}.")
+  schedule = learning_rate_schedule(optim, batch_size, num_train_steps)
+  tx = OPTIMIZERS[optim.name](optim, schedule)
+  if optim.get("clip_grad_norm", 0.0):
+    tx = optax.chain(optax.clip_byoptax.global_norm(optim.clip_grad_norm), tx)
+  return tx, schedule
+
+
+def create_train_state(rng: jax.Array, model: nn.Module, discriminator: nn.Module,
+                       tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
+                       image_shape: tuple[int, int], num_modalities: int) -> TrainState:
+  """Initialises parameters with every modality present (so every stem has parameters)."""
+  init_rng, mask_rng, disc_rng, state_rng = jax.random.split(rng, 4)
+  images = jnp.zeros((2, num_modalities) + tuple(image_shape) + (3,), jnp.uint8)
+  present = jnp.ones((2, num_modalities), bool)
+  variables = model.init({"params": init_rng, "mask": mask_rng}, images, present,
+                         tuple(range(num_modalities)), train=False)
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  embedding_dim = model.embedding_dim
+  disc_params = discriminator.init(disc_rng, jnp.zeros((1, embedding_dim)))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), disc_params=disc_params,
+                    disc_opt_state=disc_tx.init(disc_params), rng=state_rng, tx=tx,
+                    disc_tx=disc_tx)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               discriminator: nn.Module, loss_config: ml_collections.ConfigDict,
+               schedules: tuple[optax.Schedule, optax.Schedule]
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One generator update followed by one discriminator update.
+
+  Args:
+    state: the train state (donated).
+    batch: "images" (N, S, H, W, 3) uint8, "present" (N, S) bool, "labels" (N,) int32.
+    model, discriminator: the networks (static).
+    loss_config: `config.loss` (static).
+    schedules: generator and discriminator learning-rate schedules (static, for logging).
+
+  Returns:
+    The new state and a dict of scalar metrics.
+  """
+  images, present, labels = batch["images"], batch["present"], batch["labels"]
+  batch_size, slots = present.shape
+  modalities = tuple(range(slots))
+  flat_labels = jnp.repeat(labels, slots)
+  flat_modalities = jnp.tile(jnp.arange(slots), batch_size)
+  valid = present.reshape(-1)
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  w = loss_config
+
+  def generator_loss(params):
+    outputs, updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, images, present, modalities,
+        train=True, rngs={"mask": step_rng}, mutable=["batch_stats"])
+    features = outputs["features"].reshape(batch_size * slots, -1)
+    embeddings = outputs["embeddings"].reshape(batch_size * slots, -1)
+    terms = {}
+    if w.cross_entropy:
+      terms["cross_entropy"] = losses.cosine_cross_entropy(
+          embeddings, outputs["class_weights"], flat_labels, valid, outputs["scale"],
+          w.cosine_margin)
+    if w.triplet:
+      terms["triplet"] = losses.cross_modal_triplet(
+          features, flat_labels, flat_modalities, valid, w.triplet_margin, w.soft_margin)
+    if w.center:
+      terms["center"] = losses.center_alignment(features, flat_labels, flat_modalities, valid,
+                                                slots)
+    if w.consistency:
+      disc_logits = discriminator.apply({"params": state.disc_params}, features)
+      terms["consistency"] = losses.modality_confusion_loss(disc_logits, valid)
+    if w.reconstruction:
+      map_shape = outputs["reconstruction"].shape
+      flat_maps = (batch_size * slots,) + map_shape[2:]
+      terms["reconstruction"] = losses.masked_reconstruction_loss(
+          outputs["reconstruction"].reshape(flat_maps),
+          outputs["reconstruction_target"].reshape(flat_maps),
+          outputs["reconstruction_mask"].reshape(flat_maps[:3]), valid)
+    total = sum(getattr(w, name) * value for name, value in terms.items())
+    aux = (terms, updates["batch_stats"], features, outputs["modal_weights"], outputs["scale"])
+    return total, aux
+
+  (total, (terms, batch_stats, features, modal_weights, scale)), grads = jax.value_and_grad(
+      generator_loss, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  frozen_features = jax.lax.stop_gradient(features)
+
+  def discriminator_loss(disc_params):
+    logits = discriminator.apply({"params": disc_params}, frozen_features)
+    loss = losses.modality_classification_loss(logits, flat_modalities, valid)
+    correct = (jnp.argmax(logits, -1) == flat_modalities) & valid
+    return loss, jnp.sum(correct) / jnp.maximum(jnp.sum(valid), 1)
+
+  (disc_loss, disc_accuracy), disc_grads = jax.value_and_grad(
+      discriminator_loss, has_aux=True)(state.disc_params)
+  disc_updates, disc_opt_state = state.disc_tx.update(disc_grads, state.disc_opt_state,
+                                                      state.disc_params)
+  disc_params = optax.apply_updates(state.disc_params, disc_updates)
+
+  present_f = present.astype(jnp.float32)
+  metrics = {
+      "loss/total": total,
+      **{f"loss/{name}": value for name, value in terms.items()},
+      "loss/discriminator": disc_loss,
+      "discriminator/accuracy": disc_accuracy,
+      "classifier/scale": scale,
+      "learning_rate/generator": schedules[0](state.step),
+      "learning_rate/discriminator": schedules[1](state.step),
+      "norm/gradients": optax.global_norm(grads),
+      "norm/parameters": optax.global_norm(params),
+      "norm/updates": optax.global_norm(updates),
+      "norm/discriminator_gradients": optax.global_norm(disc_grads),
+  }
+  for slot in range(slots):
+    metrics[f"modal_weight/{slot}"] = (jnp.sum(modal_weights[:, slot] * present_f[:, slot])
+                                       / jnp.maximum(jnp.sum(present_f[:, slot]), 1.0))
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, disc_params=disc_params,
+                            disc_opt_state=disc_opt_state)
+  return new_state, metrics
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh with axis "data" over `devices` (default: every device of every host)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+class Trainer:
+  """Builds the data, model, state and jitted step of a config; runs and checkpoints training.
+
+  Attributes:
+    config, workdir, mesh, model, discriminator, sampler, train_set, num_modalities.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               mesh: Mesh | None = None):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = make_mesh() if mesh is None else mesh
+    self.builder = datasets.get_builder(config.data.name, config.data.data_dir)
+    self.builder.download_and_prepare()
+    self.train_set = datasets.load_split(self.builder, "train")
+    self.num_modalities = len(self.train_set.modality_names)
+    self.sampler = TupleSampler(self.train_set, config.data.num_identities,
+                                config.data.tuples_per_identity,
+                                config.data.single_modality_frac, config.seed)
+    batch_size = self.sampler.batch_size
+    if batch_size % self.mesh.size:
+      raise ValueError(f"The batch of {batch_size} tuples (config.data.num_identities x "
+                       f"config.data.tuples_per_identity) is not divisible by the "
+                       f"{self.mesh.size} devices.")
+    self.model, self.discriminator = build_model(config, self.sampler.num_classes,
+                                                 self.num_modalities)
+    tx, schedule = make_optimizer(config.optim, batch_size, config.num_train_steps)
+    disc_tx, disc_schedule = make_optimizer(config.disc_optim, batch_size,
+                                            config.num_train_steps)
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    init = functools.partial(create_train_state, model=self.model,
+                             discriminator=self.discriminator, tx=tx, disc_tx=disc_tx,
+                             image_shape=(config.data.height, config.data.width),
+                             num_modalities=self.num_modalities)
+    self._init = jax.jit(init, out_shardings=self.replicated)
+    self.abstract_state = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
+    step_fn = functools.partial(train_step, model=self.model, discriminator=self.discriminator,
+                                loss_config=config.loss, schedules=(schedule, disc_schedule))
+    self.train_step = jax.jit(step_fn, in_shardings=(self.replicated, self.batch_sharding),
+                              out_shardings=(self.replicated, self.replicated),
+                              donate_argnums=0)
+
+  def initial_state(self) -> TrainState:
+    """A freshly initialised, replicated state (seeded by `config.seed`)."""
+    return self._init(jax.random.key_data(jax.random.key(self.config.seed)))
+
+  def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This host's share of a batch as global arrays sharded over the `data` axis."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+  def checkpoint_manager(self) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=self.config.keep_checkpoints,
+        save_interval_steps=self.config.checkpoint_every_steps, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(self.workdir), "checkpoints"),
+                                 options=options, item_names=("state", "meta"))
+
+  def restore(self, manager: ocp.CheckpointManager, step: int | None = None) -> TrainState:
+    """The state saved at `step` (default: the latest), restored replicated on the mesh."""
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(
+          f"No checkpoint for step {step} in {manager.directory}; saved steps: "
+          f"{sorted(manager.all_steps())}.")
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+        self.abstract_state)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
+    return restored["state"]
+
+  def _save(self, manager: ocp.CheckpointManager, state: TrainState, force: bool) -> None:
+    step = int(state.step)
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"step": step, "seed": self.config.seed})), force=force)
+
+  def train(self, max_steps: int | None = None) -> TrainState:
+    """Trains to `config.num_train_steps`, resuming from the latest checkpoint if any.
+
+    Args:
+      max_steps: stop (with a checkpoint) after this many steps of this invocation, for
+        time-boxed jobs; a later call resumes. None: run to the end.
+    """
+    config = self.config
+    write_config(config, self.workdir)
+    manager = self.checkpoint_manager()
+    if manager.latest_step() is not None:
+      state = self.restore(manager)
+      logging.info("Resumed from step %d of %s.", int(state.step), manager.directory)
+    else:
+      state = self.initial_state()
+    initial_step = int(state.step)
+    writer = metric_writers.create_default_writer(
+        self.workdir, just_logging=jax.process_index() > 0)
+    if initial_step == 0:
+      writer.write_hparams({k: v for k, v in flatten_config(config).items()
+                            if isinstance(v, (int, float, str, bool))})
+    hooks = []
+    if jax.process_index() == 0:
+      hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                                   writer=writer))
+    dataset = train_batches(self.train_set, self.sampler, config, initial_step,
+                            config.num_train_steps, jax.process_index(), jax.process_count())
+    pending: list[dict[str, jax.Array]] = []
+    modality_names = self.train_set.modality_names
+    last_step = config.num_train_steps
+    if max_steps is not None:
+      last_step = min(last_step, initial_step + max_steps)
+    for step, batch in zip(range(initial_step + 1, last_step + 1), dataset.as_numpy_iterator()):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = self.train_step(state, self.device_batch(batch))
+      pending.append(metrics)
+      for hook in hooks:
+        hook(step)
+      if step % config.log_every_steps == 0 or step == last_step:
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                   for k in pending[0]}
+        summary = {(f"modal_weight/{modality_names[int(k.split('/')[1])]}"
+                    if k.startswith("modal_weight/") else k): v for k, v in summary.items()}
+        writer.write_scalars(step, summary)
+        pending = []
+      if step % config.checkpoint_every_steps == 0 and step != last_step:
+        self._save(manager, state, force=False)
+    self._save(manager, state, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    return state
+
+
+def flatten_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """{"a.b": value} for every leaf of `config`."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(flatten_config(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config to WORKDIR/config.json (host 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)
+
+
+def read_json(path: str) -> dict[str, Any]:
+  with open(path) as f:
+    return json.load(f)
