@@ -105,7 +105,19 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config.eval.raw_pixel_baseline = True
 
   if preset == "demo":
-    pass
+    # From scratch on a CPU in minutes: AdamW, a short warm-up and lighter erasing converge in
+    # 1,500 steps where the paper's SGD recipe (for ImageNet-initialised ResNet-50) does not.
+    config.optim.name = "adamw"
+    config.optim.base_learning_rate = 3e-3
+    config.optim.scale_by_batch = False
+    config.optim.warmup_steps = 50
+    config.augment.erasing_prob = 0.3
+    config.augment.channel_prob = 0.5
+    # More single-modality tuples: cross-modal retrieval embeds one modality at a time, and in
+    # multi-modal tuples the attention mixes the other modalities into every slot.
+    config.data.single_modality_frac = 0.8
+    config.num_train_steps = 1500
+    config.checkpoint_every_steps = 250
   elif preset == "tiny":
     config.data.name = "synthetic_mm/tiny"
     config.data.height, config.data.width = 32, 16

@@ -9,7 +9,6 @@ WORKDIR/eval/<dataset>.json in the format of DESIGN.md section 8, to TensorBoard
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import os

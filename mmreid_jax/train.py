@@ -14,7 +14,6 @@ and a step on N devices equals the step on one.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -125,7 +124,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, batch_size: int,
   schedule = learning_rate_schedule(optim, batch_size, num_train_steps)
   tx = OPTIMIZERS[optim.name](optim, schedule)
   if optim.get("clip_grad_norm", 0.0):
-    tx = optax.chain(optax.clip_byoptax.global_norm(optim.clip_grad_norm), tx)
+    tx = optax.chain(optax.clip_by_global_norm(optim.clip_grad_norm), tx)
   return tx, schedule
 
 
@@ -231,10 +230,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       "classifier/scale": scale,
       "learning_rate/generator": schedules[0](state.step),
       "learning_rate/discriminator": schedules[1](state.step),
-      "norm/gradients": optax.global_norm(grads),
-      "norm/parameters": optax.global_norm(params),
-      "norm/updates": optax.global_norm(updates),
-      "norm/discriminator_gradients": optax.global_norm(disc_grads),
+      "norm/gradients": optax.tree.norm(grads),
+      "norm/parameters": optax.tree.norm(params),
+      "norm/updates": optax.tree.norm(updates),
+      "norm/discriminator_gradients": optax.tree.norm(disc_grads),
   }
   for slot in range(slots):
     metrics[f"modal_weight/{slot}"] = (jnp.sum(modal_weights[:, slot] * present_f[:, slot])
@@ -404,8 +403,3 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(path + ".tmp", "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   os.replace(path + ".tmp", path)
-
-
-def read_json(path: str) -> dict[str, Any]:
-  with open(path) as f:
-    return json.load(f)

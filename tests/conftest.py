@@ -17,3 +17,24 @@ def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory):
   builder = datasets.get_builder("synthetic_mm/tiny", data_dir=str(tmp_path_factory.mktemp("tfds")))
   builder.download_and_prepare()
   return builder
+
+
+@pytest.fixture(scope="session")
+def tfds_data_dir(tiny_synthetic) -> str:
+  """The `data_dir` holding the prepared `synthetic_mm/tiny`, for configs and subprocesses."""
+  return str(tiny_synthetic.data_dir_root)
+
+
+@pytest.fixture(scope="session")
+def jax_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+  """A persistent XLA compilation cache for this session (shared by pytest-xdist workers).
+
+  Trainers built from equal configs compile equal programs; on a CPU each costs tens of seconds
+  (the initialiser about a minute), so the tests and their subprocesses share compilations.
+  """
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  path = base / "jax_compilation_cache"
+  path.mkdir(exist_ok=True)
+  return str(path)

@@ -69,11 +69,19 @@ class MaskedBatchNorm(nn.Module):
 
 
 def global_pool(x: jax.Array, kind: str) -> jax.Array:
-  """Pools (..., h, w, C) over h and w with "avg" or "max" into (..., C)."""
+  """Pools (..., h, w, C) over h and w with "avg" or "max" into (..., C).
+
+  "max" gathers at the argmax, so its gradient goes to one position per channel (the first on
+  ties, as in PyTorch). `jnp.max`'s gradient instead re-tests `x == max(x)`, which XLA may
+  evaluate on a differently rounded copy of `x`: whole channels then lose their gradient at
+  random (1 vs 8 devices, jit vs eager disagreed by up to 30%; NaN at -O0).
+  """
   if kind == "avg":
     return jnp.mean(x, axis=(-3, -2))
   if kind == "max":
-    return jnp.max(x, axis=(-3, -2))
+    flat = x.reshape(x.shape[:-3] + (-1, x.shape[-1]))
+    index = jnp.argmax(jax.lax.stop_gradient(flat), axis=-2, keepdims=True)
+    return jnp.take_along_axis(flat, index, axis=-2)[..., 0, :]
   raise ValueError(f"Unknown pooling {kind!r}; expected 'avg' or 'max'.")
 
 

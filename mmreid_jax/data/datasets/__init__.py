@@ -9,6 +9,8 @@ import tensorflow_datasets as tfds
 
 from mmreid_jax.data.datasets.synthetic_mm import SyntheticMm, SyntheticMmConfig
 
+__all__ = ["DATASETS", "ImageSet", "SyntheticMm", "SyntheticMmConfig", "get_builder", "load_split"]
+
 DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "synthetic_mm": SyntheticMm,
 }
@@ -58,14 +60,6 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
     raise ValueError(f"Unknown config {config!r} of dataset {dataset!r} in "
                      f"config.data.name={name!r}; known configs: {known}.")
   return builder_cls(config=config or None, data_dir=data_dir)
-
-
-def modality_names(name: str) -> tuple[str, ...]:
-  """The ordered modality list of dataset `name`, without preparing it."""
-  dataset = name.partition("/")[0]
-  if dataset not in DATASETS:
-    raise ValueError(f"Unknown dataset {dataset!r}; known datasets: {sorted(DATASETS)}.")
-  return tuple(DATASETS[dataset].MODALITIES)
 
 
 def load_split(builder: tfds.core.DatasetBuilder, split: str) -> ImageSet:

@@ -1,0 +1,141 @@
+"""End-to-end tests of the command line (`python -m mmreid_jax.main`) and the workdir contract of
+DESIGN.md section 8, on the `tiny` preset (6 steps, checkpoints at 3 and 6).
+
+Each run is a subprocess; they share the session's persistent compilation cache, so only the
+first compiles the train step and the evaluation forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The worker that runs test_train.py runs these too: the train step compiles once for both.
+pytestmark = pytest.mark.xdist_group("training")
+DIRECTIONS = ("rgb->ir", "rgb->depth", "ir->rgb", "ir->depth", "depth->rgb", "depth->ir")
+PROTOCOLS = set(DIRECTIONS) | {"all"}
+RATES = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
+
+
+def run_main(workdir: Path, data_dir: str, cache_dir: str, *flags: str
+             ) -> subprocess.CompletedProcess:
+  """`python -m mmreid_jax.main --config configs/synthetic.py:tiny` with `flags`."""
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+         "JAX_COMPILATION_CACHE_DIR": cache_dir,
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
+  command = [sys.executable, "-m", "mmreid_jax.main", "--config", "configs/synthetic.py:tiny",
+             "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", *flags]
+  return subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=900)
+
+
+def table_rows(stdout: str) -> dict[str, str]:
+  """The printed results table's row of each protocol."""
+  rows = {}
+  for line in stdout.splitlines():
+    name = line.split(" ", 1)[0]
+    if name in PROTOCOLS:
+      rows[name] = line
+  return rows
+
+
+def check_report(report: dict, step: int) -> None:
+  """WORKDIR/eval/synthetic_mm.json in exactly the format of DESIGN.md section 8."""
+  assert set(report) == {"dataset", "step", "protocols", "baselines"}
+  assert report["dataset"] == "synthetic_mm"
+  assert report["step"] == step and isinstance(report["step"], int)
+  assert set(report["protocols"]) == PROTOCOLS
+  for name, entry in report["protocols"].items():
+    assert set(entry) == set(RATES) | {"trials", "std"}, name
+    for rate in RATES:
+      assert isinstance(entry[rate], float) and 0.0 <= entry[rate] <= 1.0, (name, rate)
+    assert entry["rank1"] <= entry["rank5"] <= entry["rank10"] <= entry["rank20"], name
+    assert entry["mINP"] <= entry["mAP"] + 1e-9, name
+    assert entry["trials"] == 1
+    assert set(entry["std"]) == {"rank1", "mAP", "mINP"}
+    assert all(value == 0.0 for value in entry["std"].values())  # one trial
+  assert set(report["baselines"]) == {"raw_pixel"}
+  raw = report["baselines"]["raw_pixel"]
+  assert set(raw) == PROTOCOLS
+  for name, entry in raw.items():
+    assert set(entry) == {"rank1", "mAP", "mINP"}, name
+    assert all(0.0 <= value <= 1.0 for value in entry.values()), name
+
+
+@pytest.fixture(scope="module")
+def trained(tfds_data_dir: str, jax_cache_dir: str, tmp_path_factory: pytest.TempPathFactory
+            ) -> tuple[Path, subprocess.CompletedProcess]:
+  """A workdir after `--mode=train` (the default) and that run's output."""
+  workdir = tmp_path_factory.mktemp("main") / "run"
+  return workdir, run_main(workdir, tfds_data_dir, jax_cache_dir)
+
+
+def test_train_writes_the_workdir_contract(trained):
+  workdir, result = trained
+  assert result.returncode == 0, result.stderr[-5000:]
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["num_train_steps"] == 6 and config["data"]["name"] == "synthetic_mm/tiny"
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [3, 6]
+  check_report(json.loads((workdir / "eval" / "synthetic_mm.json").read_text()), step=6)
+  events = [p for p in workdir.rglob("events.out.tfevents.*") if p.stat().st_size > 0]
+  assert events
+  assert "synthetic_mm at step 6" in result.stdout
+  assert table_rows(result.stdout).keys() == PROTOCOLS
+
+
+def test_evaluate_mode_reproduces_the_training_run(trained, tfds_data_dir: str,
+                                                   jax_cache_dir: str):
+  """`--mode=evaluate` restores the newest checkpoint and prints and writes the same results."""
+  workdir, train_result = trained
+  assert train_result.returncode == 0
+  report_path = workdir / "eval" / "synthetic_mm.json"
+  before = report_path.read_text()
+  result = run_main(workdir, tfds_data_dir, jax_cache_dir, "--mode=evaluate")
+  assert result.returncode == 0, result.stderr[-5000:]
+  rows = table_rows(result.stdout)
+  assert rows.keys() == PROTOCOLS
+  assert rows == table_rows(train_result.stdout)
+  assert json.loads(report_path.read_text()) == json.loads(before)
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [3, 6]  # evaluation does not train or save
+
+
+def test_evaluate_an_earlier_step(trained, tfds_data_dir: str, jax_cache_dir: str,
+                                  tmp_path: Path):
+  """`--step=3` evaluates that checkpoint (on a copy of the workdir, which it rewrites)."""
+  workdir, train_result = trained
+  assert train_result.returncode == 0
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  result = run_main(copy, tfds_data_dir, jax_cache_dir, "--mode=evaluate", "--step=3")
+  assert result.returncode == 0, result.stderr[-5000:]
+  assert "synthetic_mm at step 3" in result.stdout
+  check_report(json.loads((copy / "eval" / "synthetic_mm.json").read_text()), step=3)
+
+
+def test_evaluate_a_missing_step_fails(trained, tfds_data_dir: str, jax_cache_dir: str,
+                                       tmp_path: Path):
+  workdir, train_result = trained
+  assert train_result.returncode == 0
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  result = run_main(copy, tfds_data_dir, jax_cache_dir, "--mode=evaluate", "--step=5")
+  assert result.returncode != 0
+  assert "step 5" in result.stderr and "[3, 6]" in result.stderr, result.stderr[-3000:]
+  assert json.loads((copy / "eval" / "synthetic_mm.json").read_text())["step"] == 6
+
+
+def test_unknown_config_override_fails(tfds_data_dir: str, jax_cache_dir: str, tmp_path: Path):
+  result = run_main(tmp_path / "run", tfds_data_dir, jax_cache_dir,
+                    "--config.model.nonexistent=1")
+  assert result.returncode != 0
+  assert "nonexistent" in result.stderr
+  assert not (tmp_path / "run" / "checkpoints").exists()
