@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Callable, Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -38,3 +41,21 @@ def jax_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
   path = base / "jax_compilation_cache"
   path.mkdir(exist_ok=True)
   return str(path)
+
+
+@pytest.fixture(scope="session")
+def compile_lock(jax_cache_dir: str) -> Callable[[], contextlib.AbstractContextManager[None]]:
+  """A lock (one at a time, across pytest-xdist workers) around first compilations of programs
+  that several tests share, so that one worker compiles them into `jax_cache_dir` while another
+  waits and then loads them, instead of both compiling the same programs on the same cores."""
+
+  @contextlib.contextmanager
+  def lock() -> Iterator[None]:
+    with open(os.path.join(jax_cache_dir, ".compile.lock"), "w") as handle:
+      fcntl.flock(handle, fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+  return lock

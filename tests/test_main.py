@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The worker that runs test_train.py runs these too: the train step compiles once for both.
+# For `--dist loadgroup`, with test_train.py (whose comment says why `compile_lock` is needed).
 pytestmark = pytest.mark.xdist_group("training")
 DIRECTIONS = ("rgb->ir", "rgb->depth", "ir->rgb", "ir->depth", "depth->rgb", "depth->ir")
 PROTOCOLS = set(DIRECTIONS) | {"all"}
@@ -70,11 +70,12 @@ def check_report(report: dict, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tfds_data_dir: str, jax_cache_dir: str, tmp_path_factory: pytest.TempPathFactory
-            ) -> tuple[Path, subprocess.CompletedProcess]:
+def trained(tfds_data_dir: str, jax_cache_dir: str, tmp_path_factory: pytest.TempPathFactory,
+            compile_lock) -> tuple[Path, subprocess.CompletedProcess]:
   """A workdir after `--mode=train` (the default) and that run's output."""
   workdir = tmp_path_factory.mktemp("main") / "run"
-  return workdir, run_main(workdir, tfds_data_dir, jax_cache_dir)
+  with compile_lock():  # test_train.py compiles the same initialiser and train step
+    return workdir, run_main(workdir, tfds_data_dir, jax_cache_dir)
 
 
 def test_train_writes_the_workdir_contract(trained):

@@ -31,7 +31,8 @@ from mmreid_jax import train
 from mmreid_jax.data.pipeline import train_batches
 
 ROOT = Path(__file__).resolve().parents[1]
-# One pytest-xdist worker runs this module and test_main.py, sharing compiled programs.
+# For `--dist loadgroup`: one worker should run this module and test_main.py. (pytest-xdist 3.8
+# cannot group under pytest 9, whose node ids it fails to rename; `compile_lock` copes.)
 pytestmark = pytest.mark.xdist_group("training")
 
 
@@ -92,15 +93,17 @@ def compilation_cache(jax_cache_dir: str):
 
 
 @pytest.fixture(scope="module")
-def tiny(tfds_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+def tiny(tfds_data_dir: str, tmp_path_factory: pytest.TempPathFactory, compile_lock
+         ) -> SimpleNamespace:
   """The tiny preset's Trainer, its initial state (on the host), the first two batches, and the
   state and metrics after the first step (the generator's learning rate is 0 at step 0)."""
   config = load_config("tiny", tfds_data_dir)
   trainer = train.Trainer(config, str(tmp_path_factory.mktemp("tiny")))
-  initial = jax.device_get(trainer.initial_state())
   batches = list(train_batches(trainer.train_set, trainer.sampler, config, 0, 2)
                  .as_numpy_iterator())
-  after_one, first_metrics = step(trainer, initial, batches[0])
+  with compile_lock():  # test_main.py's training run compiles the same two programs
+    initial = jax.device_get(trainer.initial_state())
+    after_one, first_metrics = step(trainer, initial, batches[0])
   return SimpleNamespace(config=config, trainer=trainer, initial=initial, batches=batches,
                          after_one=after_one, first_metrics=first_metrics)
 
