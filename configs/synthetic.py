@@ -62,6 +62,8 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config.model.attention_reduction = 16
   config.model.attention_dim = 32
   config.model.discriminator_hidden = 256
+  # A torchvision ResNet (.pth or .safetensors; README "Pretrained weights") for the backbone.
+  config.model.pretrained = config_dict.placeholder(str)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.cross_entropy = 1.0

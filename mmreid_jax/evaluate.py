@@ -1,8 +1,13 @@
 """Evaluation: feature extraction, the protocols of each dataset, reports.
 
 Each image is embedded alone, with its own modality (the post-BNNeck embedding, averaged with its
-mirror image when `config.eval.flip`), L2-normalised, and ranked by cosine or Euclidean distance.
-Metrics (CMC, mAP, mINP) come from `metrics.evaluate_ranking`. Results go to
+mirror image when `config.eval.flip`), L2-normalised, and ranked by cosine or Euclidean distance
+(optionally k-reciprocal re-ranked, `config.eval.rerank`). On sets of aligned captures
+(RGBNT201), a protocol may instead embed each capture with a subset of its modalities present
+(`Protocol.query_modalities`): the capture goes through the model with those slots present, and its
+per-modality embeddings are fused by `fuse_modalities`. Metrics (CMC, mAP, mINP) come from
+`metrics.evaluate_ranking` under the benchmark's rule; protocols with several gallery trials
+(SYSU-MM01) report the mean and standard deviation over trials. Results go to
 WORKDIR/eval/<dataset>.json in the format of DESIGN.md section 8, to TensorBoard and to stdout.
 """
 
@@ -12,7 +17,7 @@ import dataclasses
 import itertools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -24,23 +29,35 @@ from clu import metric_writers
 
 from mmreid_jax import metrics
 from mmreid_jax.data import datasets
+from mmreid_jax.data import sysu_mm01 as sysu_protocol
 from mmreid_jax.data.pipeline import eval_batches
+
+# The metrics whose spread over trials the report gives.
+STD_RATES = ("rank1", "mAP", "mINP")
 
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-  """One retrieval setting: which query rows search which gallery rows.
+  """One retrieval setting: which query rows search which gallery rows, under which rule.
 
   Attributes:
-    name: the key in the results JSON (e.g. "ir->rgb").
-    query_rows, gallery_rows: row indices into the query and gallery splits.
-    remove_same_camera: Market-1501-style filtering of same-identity same-camera gallery images.
+    name: the key in the results JSON (e.g. "ir->rgb", "sysu/all-search/single-shot").
+    query_rows: (Q,) row indices into the query split.
+    gallery_trials: one (G_t,) array of row indices into the gallery split per trial; the report
+      gives the mean and standard deviation of the metrics over trials.
+    rule: `metrics.PROTOCOLS` entry deciding which gallery images a query ignores and how the CMC
+      counts ("market": same identity and camera ignored).
+    query_modalities, gallery_modalities: None: each row is embedded alone, with its own modality.
+      A tuple of modality indices: each row stands for its whole capture (the rows sharing its
+      `tuple_id`), embedded with those modalities present (`fuse_modalities`).
   """
 
   name: str
   query_rows: np.ndarray
-  gallery_rows: np.ndarray
-  remove_same_camera: bool = True
+  gallery_trials: tuple[np.ndarray, ...]
+  rule: str = "market"
+  query_modalities: tuple[int, ...] | None = None
+  gallery_modalities: tuple[int, ...] | None = None
 
 
 def synthetic_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet) -> list[Protocol]:
@@ -51,14 +68,76 @@ def synthetic_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet) ->
   """
   names = query.modality_names
   protocols = [Protocol(f"{names[a]}->{names[b]}", np.flatnonzero(query.modalities == a),
-                        np.flatnonzero(gallery.modalities == b))
+                        (np.flatnonzero(gallery.modalities == b),))
                for a, b in itertools.permutations(range(len(names)), 2)]
-  protocols.append(Protocol("all", np.arange(len(query)), np.arange(len(gallery))))
+  protocols.append(Protocol("all", np.arange(len(query)), (np.arange(len(gallery)),)))
   return protocols
+
+
+def sysu_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet) -> list[Protocol]:
+  """SYSU-MM01: infrared queries against RGB galleries, `all-search` (cameras 1, 2, 4, 5) and
+  `indoor-search` (1, 2), single-shot and multi-shot, each over the 10 trial galleries drawn by
+  `mmreid_jax.data.sysu_mm01` (rows in the reference loader's order), ranked by the "sysu" rule.
+  """
+  query_index = {path: row for row, path in enumerate(query.paths)}
+  gallery_index = {path: row for row, path in enumerate(gallery.paths)}
+  paths = list(query_index) + list(gallery_index)
+  protocols = []
+  for mode in sysu_protocol.GALLERY_CAMERAS:
+    for shot, shot_name in ((1, "single-shot"), (sysu_protocol.MULTI_SHOT, "multi-shot")):
+      trials = []
+      for trial in range(sysu_protocol.NUM_TRIALS):
+        query_paths, gallery_paths = sysu_protocol.split_from_paths(paths, mode, trial, shot)
+        trials.append(np.array([gallery_index[p] for p in gallery_paths], np.int64))
+      protocols.append(Protocol(f"sysu/{mode}-search/{shot_name}",
+                                np.array([query_index[p] for p in query_paths], np.int64),
+                                tuple(trials), rule="sysu"))
+  return protocols
+
+
+def regdb_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet) -> list[Protocol]:
+  """RegDB: visible->thermal and thermal->visible over the trial's test set, no camera filter."""
+  visible = np.flatnonzero(query.modalities == 0)
+  thermal = np.flatnonzero(gallery.modalities == 1)
+  return [Protocol("regdb/visible->thermal", visible, (thermal,), rule="regdb"),
+          Protocol("regdb/thermal->visible", np.flatnonzero(query.modalities == 1),
+                   (np.flatnonzero(gallery.modalities == 0),), rule="regdb")]
+
+
+def modality_settings(names: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
+  """("all", every modality), then each setting with one, two, ... modalities absent, named
+  "missing-<absent names joined by +>", with the present modality indices."""
+  settings = [("all", tuple(range(len(names))))]
+  for count in range(1, len(names)):
+    for absent in itertools.combinations(range(len(names)), count):
+      settings.append(("missing-" + "+".join(names[m] for m in absent),
+                       tuple(m for m in range(len(names)) if m not in absent)))
+  return settings
+
+
+def rgbnt201_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet) -> list[Protocol]:
+  """RGBNT201: query = gallery = every test capture, same identity and camera ignored.
+
+  `rgbnt201/all` embeds every modality; `rgbnt201/missing-<m>` (six settings) leaves modalities
+  out of every query and gallery capture; `rgbnt201/<A>-><B>` (cross-setting retrieval) embeds
+  queries in setting A and the gallery in setting B.
+  """
+  if np.any(query.tuple_ids < 0):
+    raise ValueError("rgbnt201 protocols need aligned captures (tuple_id >= 0 on every row).")
+  _, query_rows = np.unique(query.tuple_ids, return_index=True)
+  _, gallery_rows = np.unique(gallery.tuple_ids, return_index=True)
+  settings = modality_settings(query.modality_names)
+  return [Protocol(f"rgbnt201/{q_name}" if q_name == g_name else f"rgbnt201/{q_name}->{g_name}",
+                   query_rows, (gallery_rows,), rule="market", query_modalities=q_present,
+                   gallery_modalities=g_present)
+          for q_name, q_present in settings for g_name, g_present in settings]
 
 
 PROTOCOLS: dict[str, Callable[[datasets.ImageSet, datasets.ImageSet], list[Protocol]]] = {
     "synthetic_mm": synthetic_protocols,
+    "sysu_mm01": sysu_protocols,
+    "regdb": regdb_protocols,
+    "rgbnt201": rgbnt201_protocols,
 }
 
 DISTANCES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
@@ -68,12 +147,54 @@ DISTANCES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-  """Rows of (N, D) scaled to unit norm (zero rows stay zero)."""
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  """Vectors along the last axis of x scaled to unit norm (zero vectors stay zero)."""
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def capture_table(image_set: datasets.ImageSet) -> tuple[np.ndarray, np.ndarray]:
+  """The captures of a set of aligned images.
+
+  Returns:
+    (T, M) int64 rows of each capture's modalities (-1 where absent), captures in `tuple_id`
+    order, and (N,) the capture index of each row.
+  """
+  if np.any(image_set.tuple_ids < 0):
+    raise ValueError("Embedding captures needs aligned images (tuple_id >= 0 on every row).")
+  tuple_ids, row_capture = np.unique(image_set.tuple_ids, return_inverse=True)
+  table = np.full((len(tuple_ids), len(image_set.modality_names)), -1, np.int64)
+  table[row_capture, image_set.modalities] = np.arange(len(image_set))
+  return table, row_capture
+
+
+def fuse_modalities(per_modality: np.ndarray, present: np.ndarray) -> np.ndarray:
+  """One vector per capture from its modalities' embeddings.
+
+  Each present modality's embedding is L2-normalised and takes its slot; an absent modality's
+  slot holds the mean of the present ones (the model embeds every modality in one shared space);
+  the M slots are concatenated and L2-normalised. With every modality present this is the
+  paper's concatenation; it also gives captures embedded with different modality subsets
+  (cross-setting retrieval) vectors of one size that compare like with like.
+
+  Args:
+    per_modality: (T, M, E) embeddings (absent slots are ignored, even if not finite).
+    present: (T, M) bool.
+
+  Returns:
+    (T, M * E) unit vectors (zero where a capture has no present modality).
+  """
+  normalized = np.where(present[..., None], l2_normalize(per_modality), 0.0)
+  mean = normalized.sum(axis=1) / np.maximum(present.sum(axis=1), 1)[:, None]
+  filled = np.where(present[..., None], normalized, mean[:, None, :])
+  return l2_normalize(filled.reshape(filled.shape[0], -1)).astype(np.float32)
+
+
+def _setting_mask(setting: tuple[int, ...], num_modalities: int) -> np.ndarray:
+  return np.isin(np.arange(num_modalities), setting)
 
 
 class FeatureExtractor:
-  """Embeds single-modality images with a model's eval-mode forward pass, jitted per modality.
+  """Embeds images with a model's eval-mode forward pass: single-modality images (jitted per
+  modality) or whole captures with a subset of their modalities present (`captures`).
 
   Args:
     model: the ReID network.
@@ -88,7 +209,7 @@ class FeatureExtractor:
     self.variables = variables
     self.batch_size = batch_size
     self.sharding = sharding
-    self._fns: dict[int, Callable] = {}
+    self._fns: dict[Any, Callable] = {}
 
   def _embed_fn(self, modality: int) -> Callable:
     if modality not in self._fns:
@@ -125,6 +246,65 @@ class FeatureExtractor:
       outputs.append(np.asarray(embeddings)[:count])
     return np.concatenate(outputs)
 
+  def _capture_fn(self, num_modalities: int) -> Callable:
+    key = ("captures", num_modalities)
+    if key not in self._fns:
+      def embed(variables, images, present):
+        outputs = self.model.apply(variables, images, present, tuple(range(num_modalities)),
+                                   train=False)
+        return outputs["embeddings"].astype(jnp.float32)
+      self._fns[key] = jax.jit(embed)
+    return self._fns[key]
+
+  def captures(self, image_set: datasets.ImageSet, settings: Sequence[tuple[int, ...]],
+               height: int, width: int, flip: bool) -> dict[tuple[int, ...], np.ndarray]:
+    """Each row's capture embedded in each modality setting.
+
+    A capture (the rows sharing a `tuple_id`) goes through the model once per setting, with the
+    setting's modalities present (those the capture has), and its per-modality embeddings are
+    fused by `fuse_modalities`; with `flip`, each slot's embedding is summed with that of the
+    mirrored capture first.
+
+    Returns:
+      {setting: (N, M * E) float32} for the N rows of `image_set` (rows of one capture share it).
+    """
+    table, row_capture = capture_table(image_set)
+    num_modalities = table.shape[1]
+    available = table >= 0
+    flat = image_set.subset(np.where(available, table, 0).reshape(-1))
+    fn = self._capture_fn(num_modalities)
+    masks = {s: _setting_mask(s, num_modalities) for s in settings}
+    sums: dict[tuple[int, ...], list[np.ndarray]] = {s: [] for s in settings}
+    for mirrored in (False, True) if flip else (False,):
+      done = 0
+      outputs: dict[tuple[int, ...], list[np.ndarray]] = {s: [] for s in settings}
+      for images, count in eval_batches(flat, height, width, self.batch_size * num_modalities,
+                                        flip=mirrored):
+        images = images.reshape((self.batch_size, num_modalities) + images.shape[1:])
+        real = count // num_modalities
+        batch_available = np.zeros((self.batch_size, num_modalities), bool)
+        batch_available[:real] = available[done:done + real]
+        done += real
+        images = images * batch_available[..., None, None, None].astype(images.dtype)
+        if self.sharding is not None:
+          images = jax.device_put(images, self.sharding)
+        for setting, mask in masks.items():
+          present = batch_available & mask
+          # Rows with nothing present (batch padding) run with the setting's slots present on
+          # zero images, so that no row of the batch is empty; their outputs are discarded.
+          present = np.where(present.any(axis=1, keepdims=True), present, mask)
+          if self.sharding is not None:
+            present = jax.device_put(present, self.sharding)
+          embedded = fn(self.variables, images, present)
+          outputs[setting].append(np.asarray(embedded)[:real])
+      for setting in settings:
+        sums[setting].append(np.concatenate(outputs[setting]))
+    features = {}
+    for setting, mask in masks.items():
+      per_modality = np.sum(sums[setting], axis=0)
+      features[setting] = fuse_modalities(per_modality, available & mask)[row_capture]
+    return features
+
 
 def raw_pixel_features(image_set: datasets.ImageSet, height: int, width: int) -> np.ndarray:
   """(N, H * W * 3) L2-normalised raw pixels, the baseline every learned model must beat."""
@@ -133,45 +313,169 @@ def raw_pixel_features(image_set: datasets.ImageSet, height: int, width: int) ->
   return l2_normalize(np.concatenate(batches))
 
 
-def rank_protocols(protocols: list[Protocol], query: datasets.ImageSet,
-                   gallery: datasets.ImageSet, query_features: np.ndarray,
-                   gallery_features: np.ndarray, distance: str, max_rank: int
-                   ) -> dict[str, metrics.RankingResult]:
-  """Ranks every protocol with one set of features."""
+def raw_pixel_captures(image_set: datasets.ImageSet, settings: Sequence[tuple[int, ...]],
+                       height: int, width: int) -> dict[tuple[int, ...], np.ndarray]:
+  """The raw-pixel baseline of `FeatureExtractor.captures`: each modality's pixels fused by
+  `fuse_modalities`; {setting: (N, M * H * W * 3)}."""
+  table, row_capture = capture_table(image_set)
+  pixels = raw_pixel_features(image_set, height, width)
+  per_modality = np.where((table >= 0)[..., None], pixels[np.maximum(table, 0)], 0.0)
+  return {setting: fuse_modalities(per_modality, (table >= 0)
+                                   & _setting_mask(setting, table.shape[1]))[row_capture]
+          for setting in settings}
+
+
+# ("query" | "gallery", None or the modalities present): see `protocol_features`.
+FeatureKey = tuple[str, tuple[int, ...] | None]
+
+
+def protocol_features(
+    protocols: Sequence[Protocol], query: datasets.ImageSet, gallery: datasets.ImageSet,
+    embed_rows: Callable[[datasets.ImageSet], np.ndarray],
+    embed_captures: Callable[[datasets.ImageSet, list[tuple[int, ...]]],
+                             dict[tuple[int, ...], np.ndarray]],
+) -> dict[FeatureKey, np.ndarray]:
+  """The features every protocol reads, keyed by ("query" | "gallery", modalities).
+
+  `embed_rows` embeds each row alone (modalities None); `embed_captures` embeds captures in
+  several settings at once. A split serving as both query and gallery is embedded once.
+  """
+  needed: dict[int, tuple[datasets.ImageSet, set]] = {}
+  keys = []
+  for protocol in protocols:
+    for side, image_set, modalities in (("query", query, protocol.query_modalities),
+                                        ("gallery", gallery, protocol.gallery_modalities)):
+      needed.setdefault(id(image_set), (image_set, set()))[1].add(modalities)
+      keys.append((side, image_set, modalities))
+  computed: dict[tuple[int, Any], np.ndarray] = {}
+  for set_id, (image_set, wanted) in needed.items():
+    if None in wanted:
+      computed[(set_id, None)] = embed_rows(image_set)
+    settings = sorted(m for m in wanted if m is not None)
+    if settings:
+      for setting, features in embed_captures(image_set, settings).items():
+        computed[(set_id, setting)] = features
+  return {(side, modalities): computed[(id(image_set), modalities)]
+          for side, image_set, modalities in keys}
+
+
+def rank_protocols(protocols: Sequence[Protocol], query: datasets.ImageSet,
+                   gallery: datasets.ImageSet, features: dict[FeatureKey, np.ndarray],
+                   distance: str, max_rank: int, rerank: dict[str, float] | None = None
+                   ) -> dict[str, list[metrics.RankingResult]]:
+  """Ranks every protocol's trials with one set of features.
+
+  Args:
+    protocols: what to rank.
+    query, gallery: the splits the protocols' rows index.
+    features: from `protocol_features`.
+    distance: a `DISTANCES` key.
+    max_rank: length of the CMC curves.
+    rerank: None, or the k1, k2 and lambda_value of `metrics.k_reciprocal_rerank`.
+
+  Returns:
+    {protocol name: one RankingResult per gallery trial}.
+  """
   if distance not in DISTANCES:
     raise ValueError(f"config.eval.distance={distance!r}; expected one of {sorted(DISTANCES)}.")
+  measure = DISTANCES[distance]
   results = {}
   for protocol in protocols:
-    q, g = protocol.query_rows, protocol.gallery_rows
-    distmat = DISTANCES[distance](query_features[q], gallery_features[g])
-    results[protocol.name] = metrics.evaluate_ranking(
-        distmat, query.pids[q], gallery.pids[g], query.camids[q], gallery.camids[g],
-        max_rank=max_rank, remove_same_camera=protocol.remove_same_camera)
+    q = protocol.query_rows
+    query_features = features[("query", protocol.query_modalities)][q]
+    trials = []
+    for g in protocol.gallery_trials:
+      gallery_features = features[("gallery", protocol.gallery_modalities)][g]
+      distmat = measure(query_features, gallery_features)
+      if rerank is not None:
+        distmat = metrics.k_reciprocal_rerank(distmat, measure(query_features, query_features),
+                                              measure(gallery_features, gallery_features),
+                                              **rerank)
+      trials.append(metrics.evaluate_ranking(
+          distmat, query.pids[q], gallery.pids[g], query.camids[q], gallery.camids[g],
+          max_rank=max_rank, protocol=protocol.rule))
+    results[protocol.name] = trials
   return results
 
 
-def protocol_entry(result: metrics.RankingResult) -> dict[str, Any]:
-  """One protocol's JSON entry (DESIGN.md section 8)."""
-  entry = result.as_dict()
-  entry["trials"] = 1
-  entry["std"] = {"rank1": 0.0, "mAP": 0.0, "mINP": 0.0}
+def summarize_trials(trials: Sequence[dict[str, float]]) -> dict[str, Any]:
+  """One protocol's JSON entry (DESIGN.md section 8) from the rates of each trial: the mean of
+  every rate, the number of trials and the (population, ddof=0) standard deviation of
+  rank1, mAP and mINP."""
+  if not trials:
+    raise ValueError("summarize_trials needs at least one trial.")
+  entry: dict[str, Any] = {key: float(np.mean([t[key] for t in trials])) for key in trials[0]}
+  entry["trials"] = len(trials)
+  entry["std"] = {key: float(np.std([t[key] for t in trials])) for key in STD_RATES}
   return entry
 
 
+def protocol_entry(results: Sequence[metrics.RankingResult]) -> dict[str, Any]:
+  """One protocol's JSON entry from its RankingResult per trial."""
+  return summarize_trials([result.as_dict() for result in results])
+
+
+def aggregate_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Reports of separately trained runs (RegDB's ten splits) as one report over trials.
+
+  Every protocol's rates are averaged over the runs (each run counts as one trial, whatever its
+  own number of trials) with their standard deviation; baselines likewise.
+
+  Raises:
+    ValueError: when the reports are of different datasets, steps or protocols.
+  """
+  if not reports:
+    raise ValueError("aggregate_reports needs at least one report.")
+  for key in ("dataset", "step"):
+    values = sorted({report[key] for report in reports})
+    if len(values) != 1:
+      raise ValueError(f"The reports differ in {key!r}: {values}; aggregate runs of one dataset "
+                       "trained for the same number of steps.")
+  names = [list(report["protocols"]) for report in reports]
+  if any(n != names[0] for n in names):
+    raise ValueError(f"The reports hold different protocols: {names}.")
+
+  def rates(entry: dict[str, Any]) -> dict[str, float]:
+    return {key: value for key, value in entry.items() if key not in ("trials", "std")}
+
+  aggregated: dict[str, Any] = {
+      "dataset": reports[0]["dataset"], "step": reports[0]["step"],
+      "protocols": {name: summarize_trials([rates(r["protocols"][name]) for r in reports])
+                    for name in names[0]},
+  }
+  if all("baselines" in report for report in reports):
+    aggregated["baselines"] = {
+        baseline: {name: {key: value for key, value in summarize_trials(
+            [r["baselines"][baseline][name] for r in reports]).items() if key in STD_RATES}
+                   for name in entries}
+        for baseline, entries in reports[0]["baselines"].items()}
+  return aggregated
+
+
 def format_table(report: dict[str, Any]) -> str:
-  """The results as a fixed-width text table, percentages, learned model beside the baseline."""
+  """The results as a fixed-width text table, percentages, learned model beside the baseline;
+  protocols with several trials show their mean (the JSON holds the standard deviation)."""
   baseline = report.get("baselines", {}).get("raw_pixel", {})
+  width = max([14] + [len(name) + 2 for name in report["protocols"]])
   lines = [f"{report['dataset']} at step {report['step']}",
-           f"{'protocol':<14}{'Rank-1':>8}{'Rank-5':>8}{'Rank-10':>8}{'mAP':>8}{'mINP':>8}"
+           f"{'protocol':<{width}}{'Rank-1':>8}{'Rank-5':>8}{'Rank-10':>8}{'mAP':>8}{'mINP':>8}"
            f"   | raw pixels {'Rank-1':>7}{'mAP':>7}{'mINP':>7}"]
   for name, entry in report["protocols"].items():
-    line = (f"{name:<14}{100 * entry['rank1']:8.1f}{100 * entry['rank5']:8.1f}"
+    line = (f"{name:<{width}}{100 * entry['rank1']:8.1f}{100 * entry['rank5']:8.1f}"
             f"{100 * entry['rank10']:8.1f}{100 * entry['mAP']:8.1f}{100 * entry['mINP']:8.1f}")
     if name in baseline:
       raw = baseline[name]
       line += f"   | {'':>10} {100 * raw['rank1']:7.1f}{100 * raw['mAP']:7.1f}{100 * raw['mINP']:7.1f}"
     lines.append(line)
   return "\n".join(lines)
+
+
+def rerank_options(eval_config: ml_collections.ConfigDict) -> dict[str, float] | None:
+  """`metrics.k_reciprocal_rerank`'s options from `config.eval` (None unless `rerank`)."""
+  if not eval_config.get("rerank", False):
+    return None
+  return {"k1": eval_config.get("rerank_k1", 20), "k2": eval_config.get("rerank_k2", 6),
+          "lambda_value": eval_config.get("rerank_lambda", 0.3)}
 
 
 def evaluate_model(config: ml_collections.ConfigDict, builder, model, variables: dict[str, Any],
@@ -182,26 +486,29 @@ def evaluate_model(config: ml_collections.ConfigDict, builder, model, variables:
   if dataset_name not in PROTOCOLS:
     raise ValueError(f"No evaluation protocol for dataset {dataset_name!r}; known: "
                      f"{sorted(PROTOCOLS)}.")
-  query = datasets.load_split(builder, "query")
-  gallery = datasets.load_split(builder, "gallery")
+  query_split, gallery_split = datasets.eval_splits(builder)
+  query = datasets.load_split(builder, query_split)
+  gallery = query if gallery_split == query_split else datasets.load_split(builder, gallery_split)
   protocols = PROTOCOLS[dataset_name](query, gallery)
-  height, width = config.data.height, config.data.width
+  height, width, flip = config.data.height, config.data.width, config.eval.flip
   extractor = FeatureExtractor(model, variables, config.eval.batch_size, sharding)
-  query_features = extractor(query, height, width, config.eval.flip)
-  gallery_features = extractor(gallery, height, width, config.eval.flip)
-  ranked = rank_protocols(protocols, query, gallery, query_features, gallery_features,
-                          config.eval.distance, config.eval.max_rank)
+  features = protocol_features(
+      protocols, query, gallery, lambda s: extractor(s, height, width, flip),
+      lambda s, settings: extractor.captures(s, settings, height, width, flip))
+  ranked = rank_protocols(protocols, query, gallery, features, config.eval.distance,
+                          config.eval.max_rank, rerank_options(config.eval))
   report: dict[str, Any] = {
       "dataset": dataset_name, "step": int(step),
-      "protocols": {name: protocol_entry(result) for name, result in ranked.items()},
+      "protocols": {name: protocol_entry(results) for name, results in ranked.items()},
   }
   if config.eval.raw_pixel_baseline:
-    raw = rank_protocols(protocols, query, gallery, raw_pixel_features(query, height, width),
-                         raw_pixel_features(gallery, height, width), "cosine",
-                         config.eval.max_rank)
+    raw_features = protocol_features(
+        protocols, query, gallery, lambda s: raw_pixel_features(s, height, width),
+        lambda s, settings: raw_pixel_captures(s, settings, height, width))
+    raw = rank_protocols(protocols, query, gallery, raw_features, "cosine", config.eval.max_rank)
     report["baselines"] = {"raw_pixel": {
-        name: {k: v for k, v in result.as_dict().items() if k in ("rank1", "mAP", "mINP")}
-        for name, result in raw.items()}}
+        name: {k: v for k, v in protocol_entry(results).items() if k in STD_RATES}
+        for name, results in raw.items()}}
   if jax.process_index() == 0:
     write_report(report, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=False,

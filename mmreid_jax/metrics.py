@@ -1,9 +1,11 @@
 """Retrieval metrics for person re-identification (NumPy, host side).
 
-Distances between query and gallery embeddings, and the ranking metrics used by
+Distances between query and gallery embeddings, the ranking metrics used by
 the re-ID literature: CMC (rank-k), mAP (Torchreid's ``eval_market1501``) and
 mINP (Ye et al. 2021, "Deep Learning for Person Re-identification: A Survey and
-Outlook", the AGW baseline).
+Outlook", the AGW baseline), under the filtering rules of each benchmark's
+official evaluation code (``PROTOCOLS``), and k-reciprocal re-ranking (Zhong et
+al. 2017).
 
 Shapes: ``Q`` queries, ``G`` gallery entries, ``D`` embedding dimension.
 """
@@ -16,10 +18,13 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = [
+  "PROTOCOLS",
   "RankingResult",
   "cosine_distance",
   "euclidean_distance",
+  "evaluate_rank",
   "evaluate_ranking",
+  "k_reciprocal_rerank",
 ]
 
 _NORM_EPS = 1e-12
@@ -27,6 +32,17 @@ _MAX_CHUNK_ROWS = 256
 # Elements of the (rows, G) working arrays per chunk; bounds memory for large galleries.
 _CHUNK_ELEMENTS = 1 << 22
 _REPORTED_RANKS = (1, 5, 10, 20)
+
+# Which gallery entries a query ignores, and how its CMC counts, per benchmark:
+#   "market": entries with the query's identity and camera are ignored (Market-1501, Torchreid).
+#   "regdb":  nothing is ignored (RegDB's eval_regdb: one visible and one thermal camera).
+#   "sysu":   a camera-3 query ignores every camera-2 entry (the two share a location), and the CMC
+#             counts each gallery identity once, at its first occurrence in the ranking
+#             (SYSU-MM01's eval_sysu, after the dataset authors' MATLAB code); mAP and mINP use
+#             every kept entry.
+PROTOCOLS = ("market", "regdb", "sysu")
+_SYSU_QUERY_CAMERA = 3
+_SYSU_IGNORED_GALLERY_CAMERA = 2
 
 
 def _as_2d_float32(x: ArrayLike, name: str) -> np.ndarray:
@@ -129,7 +145,8 @@ def _rank_chunk(
   query_camids: np.ndarray,
   gallery_pids: np.ndarray,
   gallery_camids: np.ndarray,
-  remove_same_camera: bool,
+  protocol: str,
+  pid_groups: tuple[np.ndarray, np.ndarray, np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Per-query statistics for one chunk of ``C`` queries.
 
@@ -137,24 +154,31 @@ def _rank_chunk(
     distmat: ``(C, G)`` distances.
     query_pids, query_camids: ``(C,)``.
     gallery_pids, gallery_camids: ``(G,)``.
-    remove_same_camera: drop same-pid same-camera gallery entries.
+    protocol: one of ``PROTOCOLS``.
+    pid_groups: ``(pid_values (U,), members (G,), starts (U,))``: the distinct gallery
+      identities, the gallery indices sorted by identity, and where each identity's run starts
+      in ``members`` (only read by the "sysu" protocol).
 
   Returns:
-    ``num_rel (C,)`` correct matches kept, ``first_hit (C,)`` and
-    ``last_hit (C,)`` 1-based kept-list positions of the first / last correct
-    match (0 where there is none), ``ap (C,)`` float64 average precision
-    (0 where there is no correct match).
+    ``num_rel (C,)`` correct matches kept, ``cmc_rank (C,)`` the 1-based CMC rank of the first
+    correct match (its kept-list position, or under "sysu" its position among distinct kept
+    identities; 0 where there is none), ``last_hit (C,)`` the 1-based kept-list position of the
+    last correct match (0 where there is none), ``ap (C,)`` float64 average precision (0 where
+    there is no correct match).
   """
+  num_g = distmat.shape[1]
   order = np.argsort(distmat, axis=1, kind="stable")
   matches = gallery_pids[order] == query_pids[:, None]
-  if remove_same_camera:
+  if protocol == "market":
     keep = ~(matches & (gallery_camids[order] == query_camids[:, None]))
-    rel = matches & keep
-    # Position of each entry in the filtered list, without compacting rows of unequal length.
-    position = np.cumsum(keep, axis=1, dtype=np.int64)
-  else:
-    rel = matches
-    position = np.broadcast_to(np.arange(1, order.shape[1] + 1, dtype=np.int64), order.shape)
+  elif protocol == "sysu":
+    keep = ~((query_camids[:, None] == _SYSU_QUERY_CAMERA)
+             & (gallery_camids[order] == _SYSU_IGNORED_GALLERY_CAMERA))
+  else:  # "regdb"
+    keep = np.ones_like(matches)
+  rel = matches & keep
+  # Position of each entry in the kept list, without compacting rows of unequal length.
+  position = np.cumsum(keep, axis=1, dtype=np.int64)
 
   num_rel = rel.sum(axis=1, dtype=np.int64)
   hits_so_far = np.cumsum(rel, axis=1, dtype=np.int64)
@@ -165,7 +189,25 @@ def _rank_chunk(
   first_hit = np.where(rel, position, big).min(axis=1, initial=big)
   first_hit = np.where(num_rel > 0, first_hit, 0)
   last_hit = np.where(rel, position, 0).max(axis=1, initial=0)
-  return num_rel, first_hit, last_hit, ap
+  if protocol != "sysu" or not num_rel.any():
+    return num_rel, first_hit, last_hit, ap
+
+  # Identity-level CMC: rank of the query's identity among the distinct identities of the kept
+  # list, ordered by first occurrence. earliest[c, u] is the ranking position of identity u's
+  # first kept entry (num_g if it has none); the query's identity ranks after every identity
+  # that occurs earlier, so its rank is the number of identities with earliest <= its own.
+  pid_values, members, starts = pid_groups
+  rows = np.arange(order.shape[0])[:, None]
+  ranking_position = np.empty_like(order)
+  ranking_position[rows, order] = np.arange(num_g)
+  kept_in_gallery_order = np.empty_like(keep)
+  kept_in_gallery_order[rows, order] = keep
+  earliest_position = np.where(kept_in_gallery_order, ranking_position, num_g)[:, members]
+  earliest = np.minimum.reduceat(earliest_position, starts, axis=1)
+  query_group = np.minimum(np.searchsorted(pid_values, query_pids), len(pid_values) - 1)
+  own = earliest[np.arange(order.shape[0]), query_group]
+  identity_rank = (earliest <= own[:, None]).sum(axis=1)
+  return num_rel, np.where(num_rel > 0, identity_rank, 0), last_hit, ap
 
 
 def evaluate_ranking(
@@ -175,26 +217,27 @@ def evaluate_ranking(
   query_camids: ArrayLike,
   gallery_camids: ArrayLike,
   max_rank: int = 20,
-  remove_same_camera: bool = True,
+  protocol: str = "market",
 ) -> RankingResult:
   """CMC, mAP and mINP of a query-gallery distance matrix.
 
-  Follows Torchreid's ``eval_market1501``: each query ranks the gallery by
-  ``np.argsort(distmat, kind="stable")`` (ties keep the lower gallery index
-  first); with ``remove_same_camera`` the gallery entries sharing both the
-  query's pid and camera are removed (set it False for protocols without
-  that rule, e.g. RegDB); queries left with no correct match are skipped.
-  For a valid query, over its filtered list with relevance ``rel_k``:
-  ``CMC@k = [a correct match within the top k]``,
+  Follows Torchreid's ``eval_market1501`` and the official evaluation code of
+  RegDB and SYSU-MM01 (``eval_regdb`` / ``eval_sysu``): each query ranks the
+  gallery by ``np.argsort(distmat, kind="stable")`` (ties keep the lower
+  gallery index first); the gallery entries that ``protocol`` ignores for that
+  query are removed (see ``PROTOCOLS``); queries left with no correct match are
+  skipped. For a valid query, over its filtered list with relevance ``rel_k``:
+  ``CMC@k = [a correct match within the top k]`` (under "sysu": within the
+  first k distinct identities of the list),
   ``AP = sum_k precision@k * rel_k / num_rel`` and
   ``INP = num_rel / (1-based position of the last correct match)``.
   All three are averaged over the valid queries.
 
-  Unlike Torchreid, which asserts or truncates ``max_rank`` when fewer than
-  ``max_rank`` gallery entries are available, the CMC curve of a query whose
-  filtered list is shorter than ``max_rank`` is padded with its last value
-  (1, since the query has a correct match); ``cmc`` always has
-  ``max_rank`` entries.
+  Unlike Torchreid and the RegDB / SYSU-MM01 code, which assert, truncate
+  ``max_rank`` or fail on ragged arrays when fewer than ``max_rank`` gallery
+  entries (identities, under "sysu") are available, the CMC curve of such a
+  query is padded with its last value (1, since the query has a correct
+  match); ``cmc`` always has ``max_rank`` entries.
 
   Args:
     distmat: ``(Q, G)`` distances, smaller is more similar.
@@ -203,14 +246,15 @@ def evaluate_ranking(
     query_camids: ``(Q,)`` query camera ids.
     gallery_camids: ``(G,)`` gallery camera ids.
     max_rank: length of the returned CMC curve.
-    remove_same_camera: drop same-pid same-camera gallery entries per query.
+    protocol: "market", "regdb" or "sysu" (``PROTOCOLS``).
 
   Returns:
     A ``RankingResult`` with ``cmc`` of shape ``(max_rank,)``.
 
   Raises:
-    ValueError: on inconsistent shapes, ``max_rank < 1``, or when no query
-    has a correct match in the (filtered) gallery.
+    ValueError: on inconsistent shapes, ``max_rank < 1``, an unknown
+    ``protocol``, or when no query has a correct match in the (filtered)
+    gallery.
   """
   dist = np.asarray(distmat)
   if dist.ndim != 2:
@@ -222,6 +266,11 @@ def evaluate_ranking(
   g_cams = _as_1d(gallery_camids, num_g, "gallery_camids")
   if max_rank < 1:
     raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol={protocol!r}; expected one of {PROTOCOLS}")
+  pid_values, members = np.unique(g_pids, return_inverse=True)
+  members = np.argsort(members, kind="stable")
+  starts = np.searchsorted(g_pids[members], pid_values) if num_g else np.zeros(0, np.int64)
 
   # first_hit_counts[r] = number of valid queries whose first correct match is at position r (1-based).
   first_hit_counts = np.zeros(max_rank + 1, dtype=np.int64)
@@ -237,7 +286,8 @@ def evaluate_ranking(
       q_cams[start:stop],
       g_pids,
       g_cams,
-      remove_same_camera,
+      protocol,
+      (pid_values, members, starts),
     )
     valid = num_rel > 0
     num_valid += int(valid.sum())
@@ -248,7 +298,11 @@ def evaluate_ranking(
     first_hit_counts += np.bincount(hits_in_range, minlength=max_rank + 1)
 
   if num_valid == 0:
-    filtering = " after removing same-pid same-camera gallery entries" if remove_same_camera else ""
+    filtering = {
+      "market": " after removing same-pid same-camera gallery entries",
+      "sysu": " after removing camera-2 gallery entries for camera-3 queries",
+      "regdb": "",
+    }[protocol]
     raise ValueError(
       f"no valid query: none of the {num_q} queries has a matching identity "
       f"in the gallery{filtering}"
@@ -262,3 +316,106 @@ def evaluate_ranking(
     mINP=inp_sum / num_valid,
     num_valid_queries=num_valid,
   )
+
+
+def evaluate_rank(
+  distmat: ArrayLike,
+  q_pids: ArrayLike,
+  g_pids: ArrayLike,
+  q_camids: ArrayLike,
+  g_camids: ArrayLike,
+  max_rank: int = 20,
+  protocol: str = "market",
+) -> dict[str, np.ndarray | float]:
+  """CMC, mAP and mINP under a benchmark's rules, as a dict (see ``evaluate_ranking``).
+
+  Args:
+    distmat: ``(Q, G)`` distances, smaller is more similar.
+    q_pids, g_pids: ``(Q,)`` and ``(G,)`` identities.
+    q_camids, g_camids: ``(Q,)`` and ``(G,)`` cameras.
+    max_rank: length of the CMC curve (padded when the gallery is shorter).
+    protocol: "sysu", "regdb" or "market" (``PROTOCOLS``).
+
+  Returns:
+    ``{"cmc": (max_rank,) float64 fractions, "mAP": float, "mINP": float}``.
+  """
+  result = evaluate_ranking(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank,
+                            protocol=protocol)
+  return {"cmc": result.cmc, "mAP": float(result.mAP), "mINP": float(result.mINP)}
+
+
+def _top_k_mask(rank: np.ndarray, k: int) -> np.ndarray:
+  """``(N, N)`` bool, ``[i, j]`` = j is among the first ``k`` entries of row i of ``rank``."""
+  mask = np.zeros(rank.shape, dtype=bool)
+  np.put_along_axis(mask, rank[:, :k], True, axis=1)
+  return mask
+
+
+def k_reciprocal_rerank(
+  query_gallery: ArrayLike,
+  query_query: ArrayLike,
+  gallery_gallery: ArrayLike,
+  k1: int = 20,
+  k2: int = 6,
+  lambda_value: float = 0.3,
+) -> np.ndarray:
+  """k-reciprocal re-ranking (Zhong et al., CVPR 2017) of a query-gallery distance matrix.
+
+  The algorithm of the authors' ``re_ranking`` (as in Torchreid): over all ``N = Q + G``
+  images, squared distances are divided by each row's maximum; each image's k1-reciprocal
+  neighbours (mutual top-``k1 + 1``) are expanded by the k1/2-reciprocal sets of its members that
+  share more than 2/3 of their set with it; Gaussian weights ``exp(-d)`` over that set, normalised,
+  form a vector ``V_i``, averaged over the top-``k2`` neighbours (query expansion); the Jaccard
+  distance ``1 - sum min(V_q, V_g) / sum max(V_q, V_g)`` is blended with the normalised distance:
+  ``(1 - lambda) * jaccard + lambda * original``. Computed in float64 (the authors' code keeps V
+  in float16), with stable sorts. Memory grows as ``N^2``.
+
+  Args:
+    query_gallery: ``(Q, G)`` distances.
+    query_query: ``(Q, Q)`` distances.
+    gallery_gallery: ``(G, G)`` distances.
+    k1, k2: neighbourhood sizes.
+    lambda_value: weight of the original distance.
+
+  Returns:
+    ``(Q, G)`` float64 re-ranked distances.
+  """
+  q_g = np.asarray(query_gallery, dtype=np.float64)
+  q_q = np.asarray(query_query, dtype=np.float64)
+  g_g = np.asarray(gallery_gallery, dtype=np.float64)
+  num_q, num_g = q_g.shape
+  if q_q.shape != (num_q, num_q) or g_g.shape != (num_g, num_g):
+    raise ValueError(f"distance shapes disagree: query_gallery {q_g.shape}, query_query "
+                     f"{q_q.shape}, gallery_gallery {g_g.shape}")
+  if k1 < 1 or k2 < 1:
+    raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
+  dist = np.block([[q_q, q_g], [q_g.T, g_g]]) ** 2
+  # As the authors: each column divided by its maximum, then transposed.
+  original = (dist / np.maximum(dist.max(axis=0), _NORM_EPS)).T
+  rank = np.argsort(original, axis=1, kind="stable")
+
+  top = _top_k_mask(rank, k1 + 1)
+  reciprocal = top & top.T
+  half = int(np.around(k1 / 2))
+  top_half = _top_k_mask(rank, half + 1)
+  # Set sizes and overlaps are counts: float32 matrix products hold them exactly.
+  reciprocal_half = (top_half & top_half.T).astype(np.float32)
+  # Expansion: candidate c of i's set adds its own k1/2-reciprocal set when more than 2/3 of that
+  # set lies in i's set.
+  overlap = reciprocal.astype(np.float32) @ reciprocal_half.T
+  sizes = reciprocal_half.sum(axis=1, dtype=np.float64)
+  adds = reciprocal & (overlap > 2.0 / 3 * sizes[None, :])  # the authors' float64 threshold
+  expanded = reciprocal | ((adds.astype(np.float32) @ reciprocal_half) > 0)
+
+  weights = np.where(expanded, np.exp(-original), 0.0)
+  v = weights / weights.sum(axis=1, keepdims=True)
+  if k2 != 1:
+    v = np.stack([v[rank[i, :k2]].mean(axis=0) for i in range(v.shape[0])])
+
+  gallery_v = v[num_q:]
+  jaccard = np.empty((num_q, num_g))
+  for i in range(num_q):
+    support = np.flatnonzero(v[i])
+    shared = np.minimum(v[i, support][None, :], gallery_v[:, support]).sum(axis=1)
+    jaccard[i] = 1.0 - shared / (2.0 - shared)
+  return jaccard * (1.0 - lambda_value) + original[:num_q, num_q:] * lambda_value

@@ -14,6 +14,7 @@ and a step on N devices equals the step on one.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,7 @@ from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmreid_jax import losses
+from mmreid_jax import convert, losses
 from mmreid_jax.data import datasets
 from mmreid_jax.data.pipeline import train_batches
 from mmreid_jax.data.sampling import TupleSampler
@@ -263,7 +264,7 @@ class Trainer:
     self.workdir = workdir
     self.mesh = make_mesh() if mesh is None else mesh
     self.builder = datasets.get_builder(config.data.name, config.data.data_dir)
-    self.builder.download_and_prepare()
+    datasets.prepare(self.builder, config.data.get("manual_dir"))
     self.train_set = datasets.load_split(self.builder, "train")
     self.num_modalities = len(self.train_set.modality_names)
     self.sampler = TupleSampler(self.train_set, config.data.num_identities,
@@ -294,8 +295,32 @@ class Trainer:
                               donate_argnums=0)
 
   def initial_state(self) -> TrainState:
-    """A freshly initialised, replicated state (seeded by `config.seed`)."""
-    return self._init(jax.random.key_data(jax.random.key(self.config.seed)))
+    """A freshly initialised, replicated state (seeded by `config.seed`).
+
+    With `config.model.pretrained` (a torchvision ResNet `.pth` or `.safetensors` file, see
+    `mmreid_jax.convert`), every modality-specific stem and the shared stages start from those
+    weights (BatchNorm running statistics included); the rest keeps its initialisation.
+    """
+    path = self.config.model.get("pretrained")
+    if not path:
+      return self._init(jax.random.key_data(jax.random.key(self.config.seed)))
+    model_cfg = self.config.model
+    try:
+      resnet = convert.torchvision_resnet_variables(path, model_cfg.depth, model_cfg.width)
+      # Checked against the shapes first: a file that does not fit fails before compiling.
+      convert.load_backbone({"params": self.abstract_state.params,
+                             "batch_stats": self.abstract_state.batch_stats}, resnet)
+    except FileNotFoundError as error:
+      raise FileNotFoundError(f"config.model.pretrained={path!r}: {error}") from error
+    except ValueError as error:
+      raise ValueError(f"config.model.pretrained={path!r}: {error}") from error
+    state = self._init(jax.random.key_data(jax.random.key(self.config.seed)))
+    variables = convert.load_backbone(
+        jax.device_get({"params": state.params, "batch_stats": state.batch_stats}), resnet)
+    logging.info("Backbone initialised from %s (ResNet-%d).", path, model_cfg.depth)
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                          opt_state=state.tx.init(variables["params"]))
+    return jax.device_put(state, self.replicated)
 
   def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's share of a batch as global arrays sharded over the `data` axis."""
@@ -303,19 +328,11 @@ class Trainer:
             for k, v in batch.items()}
 
   def checkpoint_manager(self) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=self.config.keep_checkpoints,
-        save_interval_steps=self.config.checkpoint_every_steps, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(self.workdir), "checkpoints"),
-                                 options=options, item_names=("state", "meta"))
+    return checkpoint_manager(self.workdir, self.config)
 
   def restore(self, manager: ocp.CheckpointManager, step: int | None = None) -> TrainState:
     """The state saved at `step` (default: the latest), restored replicated on the mesh."""
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      raise FileNotFoundError(
-          f"No checkpoint for step {step} in {manager.directory}; saved steps: "
-          f"{sorted(manager.all_steps())}.")
+    step = checkpoint_step(manager, step)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
         self.abstract_state)
@@ -376,11 +393,36 @@ class Trainer:
         pending = []
       if step % config.checkpoint_every_steps == 0 and step != last_step:
         self._save(manager, state, force=False)
-    self._save(manager, state, force=True)
+    if int(state.step) not in manager.all_steps():  # rerunning a finished run saves nothing
+      self._save(manager, state, force=True)
     manager.wait_until_finished()
     manager.close()
     writer.flush()
     return state
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """The orbax manager of WORKDIR/checkpoints (items "state" and "meta"), with the config's
+  cadence (`checkpoint_every_steps`) and retention (`keep_checkpoints`)."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every_steps,
+      create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options, item_names=("state", "meta"))
+
+
+def checkpoint_step(manager: ocp.CheckpointManager, step: int | None = None) -> int:
+  """`step` if `manager` holds it, or its newest step when `step` is None.
+
+  Raises:
+    FileNotFoundError: no such checkpoint (the message lists the saved steps).
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(
+        f"No checkpoint for step {step} in {manager.directory}; saved steps: "
+        f"{sorted(manager.all_steps())}.")
+  return step
 
 
 def flatten_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -403,3 +445,13 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(path + ".tmp", "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   os.replace(path + ".tmp", path)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config that `write_config` wrote to WORKDIR/config.json (tuples come back as lists)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No {path}: not a training workdir (training writes its resolved "
+                            "config there).")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

@@ -1,4 +1,4 @@
-"""Shared fixtures: the prepared `synthetic_mm/tiny` set."""
+"""Shared fixtures: the prepared `synthetic_mm/tiny` set, the compilation cache and its lock."""
 
 from __future__ import annotations
 
@@ -59,3 +59,22 @@ def compile_lock(jax_cache_dir: str) -> Callable[[], contextlib.AbstractContextM
         fcntl.flock(handle, fcntl.LOCK_UN)
 
   return lock
+
+
+@pytest.fixture(scope="module")
+def persistent_compilation_cache(jax_cache_dir: str):
+  """Turns JAX's persistent compilation cache (`jax_cache_dir`) on for a module, then restores
+  the settings, so that programs equal to other tests' (the tiny preset's initialiser and train
+  step) load instead of compiling again."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+
+  saved = (jax.config.jax_compilation_cache_dir,
+           jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", jax_cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  cc.reset_cache()
+  yield jax_cache_dir
+  jax.config.update("jax_compilation_cache_dir", saved[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+  cc.reset_cache()

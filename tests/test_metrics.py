@@ -91,7 +91,7 @@ def _assert_matches_reference(problem, max_rank, remove_same_camera):
   )
   result = evaluate_ranking(
     distmat, q_pids, g_pids, q_cams, g_cams,
-    max_rank=max_rank, remove_same_camera=remove_same_camera,
+    max_rank=max_rank, protocol="market" if remove_same_camera else "regdb",
   )
   assert result.cmc.shape == (max_rank,)
   assert result.num_valid_queries == ref_valid
@@ -131,12 +131,12 @@ def test_same_camera_removal_and_no_removal():
     max_rank=3,
   )
   # Filtered list: [wrong, right].
-  removed = evaluate_ranking(distmat, remove_same_camera=True, **args)
+  removed = evaluate_ranking(distmat, protocol="market", **args)
   np.testing.assert_array_equal(removed.cmc, [0.0, 1.0, 1.0])
   assert removed.mAP == pytest.approx(0.5)
   assert removed.mINP == pytest.approx(0.5)
   # Unfiltered list: [right, wrong, right].
-  kept = evaluate_ranking(distmat, remove_same_camera=False, **args)
+  kept = evaluate_ranking(distmat, protocol="regdb", **args)
   np.testing.assert_array_equal(kept.cmc, [1.0, 1.0, 1.0])
   assert kept.mAP == pytest.approx((1 / 1 + 2 / 3) / 2)
   assert kept.mINP == pytest.approx(2 / 3)
@@ -293,8 +293,8 @@ def test_only_same_camera_matches_raises_unless_kept():
     np.array([0, 0]),
   )
   with pytest.raises(ValueError, match="no valid query"):
-    evaluate_ranking(*args, remove_same_camera=True)
-  assert evaluate_ranking(*args, remove_same_camera=False).num_valid_queries == 1
+    evaluate_ranking(*args, protocol="market")
+  assert evaluate_ranking(*args, protocol="regdb").num_valid_queries == 1
 
 
 def test_empty_inputs_raise():

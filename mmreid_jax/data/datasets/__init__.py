@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmreid_jax.data.datasets.manual import LayoutError, ManualBuilder
+from mmreid_jax.data.datasets.regdb import Regdb
+from mmreid_jax.data.datasets.rgbnt201 import Rgbnt201
 from mmreid_jax.data.datasets.synthetic_mm import SyntheticMm, SyntheticMmConfig
+from mmreid_jax.data.datasets.sysu_mm01 import SysuMm01
 
-__all__ = ["DATASETS", "ImageSet", "SyntheticMm", "SyntheticMmConfig", "get_builder", "load_split"]
+__all__ = ["DATASETS", "ImageSet", "LayoutError", "ManualBuilder", "Regdb", "Rgbnt201",
+           "SyntheticMm", "SyntheticMmConfig", "SysuMm01", "eval_splits", "get_builder",
+           "load_split", "prepare"]
 
 DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "synthetic_mm": SyntheticMm,
+    "sysu_mm01": SysuMm01,
+    "regdb": Regdb,
+    "rgbnt201": Rgbnt201,
 }
 
 
@@ -26,7 +36,7 @@ class ImageSet:
     camids: (N,) int64 cameras.
     modalities: (N,) int64 indices into `modality_names`.
     tuple_ids: (N,) int64 capture ids (rows sharing one were captured together), or -1.
-    paths: (N,) object array of original relative paths.
+    paths: (N,) object array of original relative paths (str).
     modality_names: the dataset's ordered modality list.
   """
 
@@ -62,6 +72,27 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
   return builder_cls(config=config or None, data_dir=data_dir)
 
 
+def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None) -> None:
+  """Prepares `builder`'s data (a no-op once prepared).
+
+  Builders of real benchmarks read the user's download from `manual_dir` (default: TFDS's
+  DATA_DIR/downloads/manual) and check its layout first, so that everything missing is reported
+  in one LayoutError before anything is read.
+  """
+  if builder.is_prepared():
+    return
+  if isinstance(builder, ManualBuilder):
+    root = manual_dir or os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
+    builder.check_layout(root)
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  builder.download_and_prepare(download_config=download_config)
+
+
+def eval_splits(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
+  """The (query, gallery) splits evaluation reads; one split may serve as both."""
+  return getattr(builder, "EVAL_SPLITS", ("query", "gallery"))
+
+
 def load_split(builder: tfds.core.DatasetBuilder, split: str) -> ImageSet:
   """Reads split `split` of a prepared builder into memory, images left encoded."""
   if split not in builder.info.splits:
@@ -74,6 +105,7 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str) -> ImageSet:
   for example in dataset.as_numpy_iterator():
     for key, values in columns.items():
       values.append(example.get(key, -1))
+  columns["path"] = [p.decode() if isinstance(p, bytes) else str(p) for p in columns["path"]]
   order = np.argsort(np.array(columns["path"], dtype=object).astype(str), kind="stable")
 
   def column(key: str, dtype) -> np.ndarray:

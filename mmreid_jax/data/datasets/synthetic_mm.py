@@ -13,10 +13,10 @@ other combination: ``SyntheticMmConfig(name=..., ...)`` passed as ``config=``.
 from __future__ import annotations
 
 import dataclasses
-import numpy as np
+
 import tensorflow_datasets as tfds
 
-from mmreid_jax.data.datasets import synthetic_render
+from mmreid_jax.data.datasets import schema, synthetic_render
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,8 +59,11 @@ class SyntheticMmConfig(tfds.core.BuilderConfig):
 class SyntheticMm(tfds.core.GeneratorBasedBuilder):
   """Generated three-modality (rgb, ir, depth) person re-identification set."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "1.1.0": "Chest prints; stronger infrared and depth patterns.",
+  }
   MODALITIES = synthetic_render.MODALITIES
   BUILDER_CONFIGS = [
       SyntheticMmConfig(name="tiny", description="Tests: 8 + 4 identities, 32 x 16 pixels.",
@@ -78,14 +81,7 @@ class SyntheticMm(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-            "pid": np.int64,
-            "camid": np.int64,
-            "modality": np.int64,
-            "tuple_id": np.int64,
-            "path": tfds.features.Text(),
-        }),
+        features=schema.reid_features("png"),
         supervised_keys=None,
     )
 
