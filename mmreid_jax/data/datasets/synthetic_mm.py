@@ -59,11 +59,8 @@ class SyntheticMmConfig(tfds.core.BuilderConfig):
 class SyntheticMm(tfds.core.GeneratorBasedBuilder):
   """Generated three-modality (rgb, ir, depth) person re-identification set."""
 
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {
-      "1.0.0": "First release.",
-      "1.1.0": "Chest prints; stronger infrared and depth patterns.",
-  }
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
   MODALITIES = synthetic_render.MODALITIES
   BUILDER_CONFIGS = [
       SyntheticMmConfig(name="tiny", description="Tests: 8 + 4 identities, 32 x 16 pixels.",

@@ -2,17 +2,16 @@
 
 Every identity is a small set of attributes that survives every modality: body shape (height,
 girth, head size, leg length, trousers or shorts), the geometry of the upper and lower clothing
-patterns (stripes, checks, diagonals, blocks, with their period and phase), a chest print (disc,
-square, triangle or band, high or low) and a carried object (backpack, bag, hat). What defeats
-raw-pixel matching lives in the rendering of each modality:
+patterns (stripes, checks, diagonals, blocks, with their period and phase) and a carried object
+(backpack, bag, hat). What defeats raw-pixel matching lives in the rendering of each modality:
 
 - ``rgb``: clothing colours and texture, under per-image illumination and colour cast, on a
   cluttered background that belongs to the camera.
 - ``ir``: a thermal rendering: skin hot, clothing at a temperature that changes from capture to
-  capture (so it identifies nobody), the pattern as a thermal texture, the print hot, no colour;
-  the camera picks the background temperature and the polarity (white-hot or black-hot).
+  capture (so it identifies nobody), the pattern as a thermal texture, no colour; the camera
+  picks the background temperature and the polarity (white-hot or black-hot).
 - ``depth``: a distance map: the silhouette (with the carried object) in front of a floor and
-  wall whose geometry belongs to the camera, the pattern and the print as a shallow relief.
+  wall whose geometry belongs to the camera, the pattern as a shallow relief.
 
 A tuple is a pixel-aligned capture of the same instant by one camera in all three modalities
 (same pose, scale and position). ``difficulty`` in [0, 1] scales every nuisance: noise,
@@ -31,7 +30,6 @@ MODALITIES: tuple[str, ...] = ("rgb", "ir", "depth")
 _NUM_UPPER_PATTERNS = 6
 _NUM_LOWER_PATTERNS = 3
 _NUM_OBJECTS = 5  # none, backpack, bag on the left, bag on the right, hat
-_NUM_EMBLEMS = 5  # none, disc, square, triangle, horizontal bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +50,6 @@ class Identity:
   lower_colors: np.ndarray  # (2, 3)
   skin: np.ndarray  # (3,)
   carried: int
-  emblem: int
-  emblem_high: bool
-  emblem_color: np.ndarray  # (3,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +88,6 @@ def sample_identity(rng: np.random.Generator) -> Identity:
       lower_colors=contrasting_pair(),
       skin=np.array([0.85, 0.65, 0.5]) * rng.uniform(0.5, 1.1),
       carried=int(rng.integers(_NUM_OBJECTS)),
-      emblem=int(rng.integers(_NUM_EMBLEMS)),
-      emblem_high=bool(rng.random() < 0.5),
-      emblem_color=rng.uniform(0.0, 1.0, size=3),
   )
 
 
@@ -132,23 +124,6 @@ def _pattern(kind: int, u: np.ndarray, v: np.ndarray, period: float, phase: floa
   if kind == 4:  # diagonal stripes
     return (np.floor((u + v) / period + phase) % 2).astype(np.float32)
   return (v > 0.5).astype(np.float32)  # two-tone block: top half and bottom half differ
-
-
-def _emblem(identity: Identity, x_px: np.ndarray, y_px: np.ndarray, torso_height_px: float,
-            torso_half_width_px: float) -> np.ndarray:
-  """Mask of the chest print, in pixels from the body's axis (x) and the neck (y)."""
-  radius = 0.6 * torso_half_width_px
-  ey = y_px - torso_height_px * (0.3 if identity.emblem_high else 0.68)
-  ax, ay = np.abs(x_px), np.abs(ey)
-  if identity.emblem == 1:  # disc
-    return x_px ** 2 + ey ** 2 < radius ** 2
-  if identity.emblem == 2:  # square
-    return (ax < 0.85 * radius) & (ay < 0.85 * radius)
-  if identity.emblem == 3:  # triangle pointing up
-    return (ay < radius) & (ax < 0.6 * (ey + radius))
-  if identity.emblem == 4:  # a band across the whole chest
-    return ay < 0.4 * radius
-  return np.zeros_like(x_px, dtype=bool)
 
 
 def render_tuple(identity: Identity, camera: Camera, height: int, width: int,
@@ -203,8 +178,6 @@ def render_tuple(identity: Identity, camera: Camera, height: int, width: int,
                        identity.upper_phase)
   lower_pat = _pattern(identity.lower_pattern, u, v_lower, identity.lower_period, 0.0)
   skin = head | leg_skin
-  emblem = upper & _emblem(identity, dx * width, (y - neck) * height,
-                           (waist - neck) * height, half_w * width)
 
   noise_sigma = 0.02 + 0.06 * difficulty
 
@@ -218,7 +191,6 @@ def render_tuple(identity: Identity, camera: Camera, height: int, width: int,
   rgb = np.where(upper[..., None], upper_rgb, rgb)
   rgb = np.where(lower_cloth[..., None], lower_rgb, rgb)
   rgb = np.where(skin[..., None], identity.skin, rgb)
-  rgb = np.where(emblem[..., None], identity.emblem_color, rgb)
   rgb = np.where(carried[..., None], np.array([0.25, 0.2, 0.15]), rgb)
   light_range = 0.15 + 0.35 * difficulty
   light = camera.light * rng.uniform(1 - light_range, 1 + light_range)
@@ -228,9 +200,8 @@ def render_tuple(identity: Identity, camera: Camera, height: int, width: int,
   # Infrared: heat, no colour; the pattern is a weak thermal texture.
   ir = camera.ir_background + 0.15 * y + rng.normal(0, 0.04, size=1) * difficulty
   upper_heat, lower_heat = rng.uniform(0.35, 0.75, size=2)
-  ir = np.where(upper, upper_heat + 0.45 * (upper_pat - 0.5), ir)
-  ir = np.where(lower_cloth, lower_heat + 0.45 * (lower_pat - 0.5), ir)
-  ir = np.where(emblem, 0.9, ir)
+  ir = np.where(upper, upper_heat + 0.3 * (upper_pat - 0.5), ir)
+  ir = np.where(lower_cloth, lower_heat + 0.3 * (lower_pat - 0.5), ir)
   ir = np.where(skin, 0.95, ir)
   ir = np.where(carried, 0.25, ir)
   if camera.ir_inverted:
@@ -242,8 +213,7 @@ def render_tuple(identity: Identity, camera: Camera, height: int, width: int,
   depth = np.where(y > 0.6, camera.depth_wall + camera.depth_floor_slope * (y - 0.6),
                    camera.depth_wall)
   body_relief = distance + 0.12 * (1 - np.clip(np.abs(dx) / max(half_w, 1e-3), 0, 1.5))
-  relief = 0.12 * np.where(upper, upper_pat, np.where(lower_cloth, lower_pat, 0.0))
-  relief = np.where(emblem, 0.22, relief)
+  relief = 0.1 * np.where(upper, upper_pat, np.where(lower_cloth, lower_pat, 0.0))
   depth = np.where(person, body_relief + relief, depth)
   depth = np.where(carried, distance + 0.2, depth)
   depth = depth + rng.normal(0, noise_sigma, depth.shape)
