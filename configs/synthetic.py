@@ -99,6 +99,9 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 3
+  # Steps in a row whose loss, gradients or update went non-finite (none is applied) before the
+  # run stops with an error (README "Faults and recovery").
+  config.max_bad_steps = 5
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128

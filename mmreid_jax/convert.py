@@ -41,6 +41,8 @@ _LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
                ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
                ("batch_stats", "var"): "running_var"}
 _BLOCK_MODULES = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+# Backbone submodules that torchvision's ResNet has no weights for (AGW's non-local blocks).
+NOT_IN_TORCHVISION = re.compile(r"^non_local\d+_\d+$")
 _MAX_LISTED = 12
 
 
@@ -221,7 +223,8 @@ def load_backbone(variables: Variables, resnet: Variables) -> Variables:
 
   `MultimodalReID` holds `stem_{m}` (stages 0..specific_stages, one per modality) and `shared`
   (the later stages), with the whole network's submodule names; each gets the submodules of
-  `resnet` it holds. Everything else (attention, fusion, heads) is left as it is.
+  `resnet` it holds. Everything else (attention, fusion, heads, and the non-local blocks
+  `non_local*` inside the backbone, which torchvision's ResNet lacks) is left as it is.
 
   Args:
     variables: {"params", "batch_stats"} of a `MultimodalReID`.
@@ -245,6 +248,9 @@ def load_backbone(variables: Variables, resnet: Variables) -> Variables:
       mine = variables[collection].get(part, {})
       loaded = {}
       for module, subtree in mine.items():
+        if NOT_IN_TORCHVISION.match(module):
+          loaded[module] = subtree
+          continue
         source = resnet[collection].get(module)
         got = jax.tree.map(np.shape, source) if source is not None else None
         want = jax.tree.map(np.shape, subtree)

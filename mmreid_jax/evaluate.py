@@ -60,18 +60,24 @@ class Protocol:
   gallery_modalities: tuple[int, ...] | None = None
 
 
-def synthetic_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet) -> list[Protocol]:
+def modality_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet) -> list[Protocol]:
   """Every ordered pair of distinct modalities ("A->B"), then "all" (every modality both sides).
 
-  A gallery image of the query's identity from the query's own camera is ignored (the aligned
-  captures of one camera would otherwise make cross-modal retrieval trivial).
+  A gallery image of the query's identity from the query's own camera is ignored (Market-1501's
+  rule; on the synthetic set the aligned captures of one camera would otherwise make
+  cross-modal retrieval trivial). A pair without queries or gallery images is left out.
   """
   names = query.modality_names
   protocols = [Protocol(f"{names[a]}->{names[b]}", np.flatnonzero(query.modalities == a),
                         (np.flatnonzero(gallery.modalities == b),))
                for a, b in itertools.permutations(range(len(names)), 2)]
+  protocols = [p for p in protocols if len(p.query_rows) and len(p.gallery_trials[0])]
   protocols.append(Protocol("all", np.arange(len(query)), (np.arange(len(gallery)),)))
   return protocols
+
+
+# The synthetic set's protocols are the generic ones (kept under this name for callers).
+synthetic_protocols = modality_protocols
 
 
 def sysu_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet) -> list[Protocol]:
@@ -138,6 +144,7 @@ PROTOCOLS: dict[str, Callable[[datasets.ImageSet, datasets.ImageSet], list[Proto
     "sysu_mm01": sysu_protocols,
     "regdb": regdb_protocols,
     "rgbnt201": rgbnt201_protocols,
+    "manifest": modality_protocols,
 }
 
 DISTANCES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
@@ -217,7 +224,9 @@ class FeatureExtractor:
         present = jnp.ones((images.shape[0], 1), bool)
         outputs = self.model.apply(variables, images[:, None], present, (modality,),
                                    train=False)
-        return outputs["embeddings"][:, 0].astype(jnp.float32), outputs["modal_weights"][:, 0]
+        modal_weights = outputs.get("modal_weights")  # None without the attention
+        return (outputs["embeddings"][:, 0].astype(jnp.float32),
+                None if modal_weights is None else modal_weights[:, 0])
       self._fns[modality] = jax.jit(embed)
     return self._fns[modality]
 

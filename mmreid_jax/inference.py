@@ -95,7 +95,7 @@ class Embedder:
     newest). `batch_size` and `flip` default to the config's `eval` settings."""
     config = train.read_config(workdir)
     variables, step = restore_variables(workdir, config, step)
-    builder = datasets.get_builder(config.data.name, config.data.data_dir)
+    builder = datasets.builder_from_config(config.data)
     modality_names = tuple(builder.MODALITIES)
     stems = sorted(k for k in variables["params"] if k.startswith("stem_"))
     if len(stems) != len(modality_names):

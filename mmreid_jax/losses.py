@@ -78,6 +78,80 @@ def cosine_cross_entropy(
   return _masked_mean(ce, valid)
 
 
+def softmax_cross_entropy(
+  embeddings: jax.Array,
+  class_weights: jax.Array,
+  labels: jax.Array,
+  valid: jax.Array,
+) -> jax.Array:
+  """Softmax cross-entropy of a bias-free linear classifier (AGW's identity loss).
+
+  Args:
+    embeddings: ``(N, D)`` features.
+    class_weights: ``(C, D)`` classifier weights.
+    labels: ``(N,)`` int identity class of each row.
+    valid: ``(N,)`` bool, rows that count.
+
+  Returns:
+    Scalar mean over valid rows of the cross-entropy of ``logits = f @ W^T``; 0.0 with no
+    valid row.
+  """
+  f = _rows_where(valid, embeddings.astype(jnp.float32))
+  logits = jnp.matmul(f, class_weights.astype(jnp.float32).T, precision=_HIGHEST)
+  onehot = jax.nn.one_hot(jnp.where(valid, labels, 0), class_weights.shape[0],
+                          dtype=jnp.float32)
+  ce = -jnp.sum(onehot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  return _masked_mean(ce, valid)
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax of each row of ``logits`` ``(N, N)`` over the entries where ``mask`` is true;
+  zeros elsewhere and in rows with no such entry."""
+  row_max = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=1, keepdims=True)
+  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+  exp = jnp.where(mask, jnp.exp(jnp.where(mask, logits - row_max, 0.0)), 0.0)
+  total = jnp.sum(exp, axis=1, keepdims=True)
+  return exp / jnp.where(total > 0, total, 1.0)
+
+
+def weighted_regularized_triplet(
+  embeddings: jax.Array,
+  pids: jax.Array,
+  valid: jax.Array,
+) -> jax.Array:
+  """AGW's weighted regularised triplet (WRT) loss, without a margin.
+
+  Over the Euclidean distances ``d`` between valid rows (of every modality), for anchor ``i``
+  with positives ``P_i`` (same pid, the anchor itself included, as in AGW's code) and negatives
+  ``N_i`` (other pids):
+
+    d_p(i) = sum_{j in P_i} softmax_{P_i}(d_ij)_j d_ij     (softmax over the positives)
+    d_n(i) = sum_{k in N_i} softmax_{N_i}(-d_ik)_k d_ik    (softmax over the negatives)
+    loss   = mean_i log(1 + exp(d_p(i) - d_n(i)))
+
+  so far positives and near negatives weigh most, without choosing one hardest sample. The
+  weights are not detached (as in AGW). AGW adds 1e-6 to each softmax normaliser; it is left out
+  here (a normaliser is at least 1).
+
+  Args:
+    embeddings: ``(N, D)`` features (pre-BNNeck in AGW).
+    pids: ``(N,)`` int person ids.
+    valid: ``(N,)`` bool, rows that count.
+
+  Returns:
+    Scalar mean over valid anchors with at least one negative; 0.0 when there is none.
+  """
+  x = _rows_where(valid, embeddings.astype(jnp.float32))
+  dist = _pairwise_distances(x)
+  both_valid = valid[:, None] & valid[None, :]
+  same_pid = pids[:, None] == pids[None, :]
+  pos = both_valid & same_pid
+  neg = both_valid & ~same_pid
+  d_p = jnp.sum(_masked_softmax(dist, pos) * dist, axis=1)
+  d_n = jnp.sum(_masked_softmax(-dist, neg) * dist, axis=1)
+  return _masked_mean(jax.nn.softplus(d_p - d_n), valid & jnp.any(neg, axis=1))
+
+
 def cross_modal_triplet(
   embeddings: jax.Array,
   pids: jax.Array,

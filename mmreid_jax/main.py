@@ -7,18 +7,21 @@ r"""Command line: train and evaluate, or evaluate a checkpoint.
 
 `--mode=train` (default) trains to `config.num_train_steps` (resuming from the newest checkpoint
 in WORKDIR/checkpoints) and evaluates at the end; `--mode=evaluate` evaluates the newest
-checkpoint, or `--step=N`.
+checkpoint, or `--step=N`. SIGTERM or SIGINT during training writes a checkpoint and exits with
+status 0; a mistake in the config, the data or the workdir is one line on stderr, status 1.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging as pylogging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from ml_collections import ConfigDict, config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:preset]).",
@@ -36,6 +39,59 @@ class _DropLibraryChatter(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+def config_file_arg(argv: list[str]) -> str | None:
+  """The value of `--config` in `argv` ("configs/NAME.py[:preset]"), if given."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def unknown_override(argv: list[str]) -> str | None:
+  """Says which `--config.KEY=VALUE` of `argv` names a key that the `--config` file's config
+  lacks, with the keys beside it (None when every override's key exists)."""
+  from mmreid_jax import config_lib  # pylint: disable=import-outside-toplevel
+
+  value = config_file_arg(argv)
+  if value is None:
+    return None
+  path, _, preset = value.partition(":")
+  config = config_lib.load_config_file(path, preset or None)
+  for arg in argv[1:]:
+    name = arg.split("=", 1)[0]
+    if not name.startswith(("--config.", "--noconfig.")):
+      continue
+    parts = name.split(".")[1:]
+    node = config
+    for depth, part in enumerate(parts):
+      if isinstance(node, ConfigDict) and part in node:
+        node = node[part]
+        continue
+      parent = ".".join(["config", *parts[:depth]])
+      if not isinstance(node, ConfigDict):
+        return f"{arg}: {parent} is a value, not a group of keys."
+      keys = sorted(node.keys())
+      close = difflib.get_close_matches(part, keys, n=1)
+      return (f"{arg}: {parent} has no key {part!r}"
+              + (f" (did you mean {close[0]!r}?)" if close else "")
+              + f"; its keys: {', '.join(keys)}.")
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; an override of an unknown config key is one line naming the key."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:  # ml_collections' bare error for an unknown key
+    try:
+      message = unknown_override(argv)
+    except (OSError, ValueError, AttributeError, KeyError):  # the config file itself fails
+      message = None
+    sys.exit(f"FATAL Flags parsing error: {message or error}")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -45,15 +101,18 @@ def main(argv: list[str]) -> None:
   tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; JAX owns accelerators.
   import jax
 
-  from mmreid_jax import run
+  from mmreid_jax import faults, run
 
   logging.info("JAX process %d / %d, %d local devices, %d in all.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  if FLAGS.mode == "train":
-    run.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  else:
-    run.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+  try:
+    if FLAGS.mode == "train":
+      run.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+      run.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+  except faults.RunError as error:  # the config, the data or the workdir: no traceback
+    sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -20,19 +20,35 @@ def _evaluate_state(trainer: train.Trainer, state: train.TrainState) -> dict[str
   return report
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> dict[str, Any] | None:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates.
+
+  Returns:
+    The evaluation report, or None when SIGTERM or SIGINT stopped training: a checkpoint was
+    written and a line printed saying where; running again resumes.
+  """
   trainer = train.Trainer(config, workdir)
   state = trainer.train()
+  if trainer.stopped:
+    if jax.process_index() == 0:
+      print(trainer.stopped, flush=True)
+    return None
   return _evaluate_state(trainer, state)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> dict[str, Any]:
-  """Evaluates the checkpoint of `step` (default: the newest) in `workdir`."""
-  trainer = train.Trainer(config, workdir)
-  manager = trainer.checkpoint_manager()
+  """Evaluates the checkpoint of `step` (default: the newest) in `workdir`.
+
+  Raises:
+    CheckpointError: `workdir` has no checkpoint of `step` (or none at all), before the data is
+      read; the message lists the saved steps.
+  """
+  manager = train.checkpoint_manager(workdir, config)
   try:
+    step = train.checkpoint_step(manager, step)
+    trainer = train.Trainer(config, workdir)
     state = trainer.restore(manager, step)
   finally:
     manager.close()

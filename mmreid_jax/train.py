@@ -3,9 +3,12 @@
 One jitted `train_step` does two optax updates (DESIGN.md section 4):
 1. the generator (backbone, attention, fusion, BNNeck, classifier) minimises
    w_ce * CE + w_tri * triplet + w_cen * center + w_con * confusion + w_rec * reconstruction
-   with the discriminator's parameters held fixed;
+   (+ w_wrt * WRT for the AGW baseline) with the discriminator's parameters held fixed; a term
+   whose weight is 0 is not computed, and CE is the identity loss of the model's classifier
+   (`IDENTITY_LOSSES`);
 2. the discriminator minimises its modality cross-entropy on the generator's pre-BNNeck
-   features of this step (computed before the generator update, gradient stopped).
+   features of this step (computed before the generator update, gradient stopped); with
+   w_con = 0 it does not affect the network and only measures how separable the modalities are.
 The step runs under `jax.jit` over a `Mesh` of every device with the batch sharded on the `data`
 axis and the state replicated, so BatchNorm statistics and triplet mining see the global batch
 and a step on N devices equals the step on one.
@@ -13,14 +16,18 @@ and a step on N devices equals the step on one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable
+import re
+import shutil
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,9 +39,9 @@ from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmreid_jax import convert, losses
+from mmreid_jax import convert, faults, losses
 from mmreid_jax.data import datasets
-from mmreid_jax.data.pipeline import train_batches
+from mmreid_jax.data.pipeline import train_batches, training_slots
 from mmreid_jax.data.sampling import TupleSampler
 from mmreid_jax.models import MODELS, ModalityDiscriminator
 
@@ -55,21 +62,36 @@ class TrainState(flax.struct.PyTreeNode):
   disc_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
+# Model attributes that come from the data or `config.dtype`, not from `config.model`.
+_DATA_ATTRIBUTES = ("parent", "name", "num_classes", "num_modalities", "dtype")
+
+
+def _as_static(value: Any) -> Any:
+  """Config lists (a config read back from JSON holds lists) as tuples, which modules hash."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_as_static(v) for v in value)
+  return value
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int,
                 num_modalities: int) -> tuple[nn.Module, nn.Module]:
-  """The ReID network named by `config.model.name` and its modality discriminator."""
+  """The ReID network named by `config.model.name` and its modality discriminator.
+
+  The network class (`models.MODELS`) takes every attribute it declares from the `config.model`
+  key of the same name (the class default where the config has no such key), so one network
+  class serves several recipes by its switches (AGW is `MultimodalReID` with other defaults).
+  """
   if config.dtype not in DTYPES:
     raise ValueError(f"config.dtype={config.dtype!r}; expected one of {sorted(DTYPES)}.")
   model_cfg = config.model
   if model_cfg.name not in MODELS:
     raise ValueError(f"config.model.name={model_cfg.name!r}; known models: {sorted(MODELS)}.")
-  model = MODELS[model_cfg.name](
-      num_classes=num_classes, num_modalities=num_modalities, depth=model_cfg.depth,
-      width=model_cfg.width, last_stride=model_cfg.last_stride,
-      specific_stages=model_cfg.specific_stages, embed_dim=model_cfg.embed_dim,
-      num_stripes=model_cfg.num_stripes, part_dim=model_cfg.part_dim,
-      attention_reduction=model_cfg.attention_reduction,
-      attention_dim=model_cfg.attention_dim, dtype=DTYPES[config.dtype])
+  model_cls = MODELS[model_cfg.name]
+  attributes = [f.name for f in dataclasses.fields(model_cls)
+                if f.init and f.name not in _DATA_ATTRIBUTES]
+  model = model_cls(num_classes=num_classes, num_modalities=num_modalities,
+                    dtype=DTYPES[config.dtype],
+                    **{k: _as_static(model_cfg[k]) for k in attributes if k in model_cfg})
   discriminator = ModalityDiscriminator(num_modalities, model_cfg.discriminator_hidden)
   return model, discriminator
 
@@ -117,13 +139,57 @@ OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict, optax.Schedule],
 }
 
 
+def parameter_path(path: tuple) -> str:
+  """A parameter's "/"-joined name, e.g. "shared/layer1_0/conv1/kernel"."""
+  return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def scale_by_path(multipliers: Sequence[Sequence[Any]]) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by the multiplier of the first `(regex, multiplier)`
+  pair whose regex `re.search`es its `parameter_path`; 1 where none matches.
+
+  Chained after an optimizer, this is a learning rate per parameter group (PyTorch's
+  `param_groups`): SGD's and Adam's updates, weight decay included, are linear in the rate.
+
+  Raises:
+    ValueError: an entry that is not a (regex, number) pair, or an invalid regex.
+  """
+  rules = []
+  for entry in multipliers:
+    try:
+      pattern, multiplier = entry
+      rules.append((re.compile(pattern), float(multiplier)))
+    except (TypeError, ValueError, re.error) as error:
+      raise ValueError(f"config.optim.lr_multipliers entry {entry!r}: {error}; expected "
+                       "(regex on the parameter path, multiplier) pairs, e.g. "
+                       "(('^(stem_|shared/)', 0.1),).") from None
+
+  def factor(path: tuple) -> float:
+    name = parameter_path(path)
+    return next((m for pattern, m in rules if pattern.search(name)), 1.0)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u if factor(path) == 1.0 else u * factor(path), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, batch_size: int,
                    num_train_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optax transform named by `optim.name` and its schedule."""
+  """The optax transform named by `optim.name` and its schedule.
+
+  `optim.lr_multipliers` ((regex, multiplier) pairs, `scale_by_path`) scales the learning rate of
+  parameter groups, e.g. AGW's backbone at 0.1 x the head's; the schedule (and its logged rate)
+  is the unscaled one.
+  """
   if optim.name not in OPTIMIZERS:
     raise ValueError(f"Unknown optimizer {optim.name!r}; known: {sorted(OPTIMIZERS)}.")
   schedule = learning_rate_schedule(optim, batch_size, num_train_steps)
   tx = OPTIMIZERS[optim.name](optim, schedule)
+  if optim.get("lr_multipliers", ()):
+    tx = optax.chain(tx, scale_by_path(optim.lr_multipliers))
   if optim.get("clip_grad_norm", 0.0):
     tx = optax.chain(optax.clip_by_global_norm(optim.clip_grad_norm), tx)
   return tx, schedule
@@ -147,9 +213,41 @@ def create_train_state(rng: jax.Array, model: nn.Module, discriminator: nn.Modul
                     disc_tx=disc_tx)
 
 
+def _cosine_identity_loss(outputs: dict[str, jax.Array], embeddings: jax.Array,
+                          labels: jax.Array, valid: jax.Array,
+                          loss_config: ml_collections.ConfigDict) -> jax.Array:
+  return losses.cosine_cross_entropy(embeddings, outputs["class_weights"], labels, valid,
+                                     outputs["scale"], loss_config.cosine_margin)
+
+
+def _linear_identity_loss(outputs: dict[str, jax.Array], embeddings: jax.Array,
+                          labels: jax.Array, valid: jax.Array,
+                          loss_config: ml_collections.ConfigDict) -> jax.Array:
+  del loss_config
+  return losses.softmax_cross_entropy(embeddings, outputs["class_weights"], labels, valid)
+
+
+# The identity cross-entropy of each classifier head (`models.heads.CLASSIFIERS`), by name:
+# (model outputs, post-BNNeck embeddings (N, E), labels (N,), valid (N,), config.loss) -> loss.
+IDENTITY_LOSSES: dict[str, Callable[..., jax.Array]] = {
+    "cosine": _cosine_identity_loss,
+    "linear": _linear_identity_loss,
+}
+
+
+def _require_outputs(outputs: dict[str, jax.Array], keys: Sequence[str], term: str,
+                     weight: float, model: nn.Module) -> None:
+  """Raises ValueError when a loss term with a nonzero weight needs outputs the model lacks."""
+  missing = [key for key in keys if key not in outputs]
+  if missing:
+    raise ValueError(f"config.loss.{term}={weight} needs the model outputs {missing}, which "
+                     f"{type(model).__name__} does not produce; set config.loss.{term}=0.")
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                discriminator: nn.Module, loss_config: ml_collections.ConfigDict,
-               schedules: tuple[optax.Schedule, optax.Schedule]
+               schedules: tuple[optax.Schedule, optax.Schedule],
+               slot_modalities: Sequence[int] | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One generator update followed by one discriminator update.
 
@@ -159,15 +257,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     model, discriminator: the networks (static).
     loss_config: `config.loss` (static).
     schedules: generator and discriminator learning-rate schedules (static, for logging).
+    slot_modalities: the dataset modality of each of the S slots (static); None: slot s holds
+      modality s. A second view of a modality (CAJ's channel-exchanged RGB view,
+      `pipeline.training_slots`) is one more slot of that modality.
 
   Returns:
-    The new state and a dict of scalar metrics.
+    The new state and a dict of scalar metrics. When a loss, a gradient or the updated state is
+    not finite, the new state is the old one with the step counter advanced, and the metric
+    `faults.SKIPPED_METRIC` is 1.
   """
   images, present, labels = batch["images"], batch["present"], batch["labels"]
   batch_size, slots = present.shape
-  modalities = tuple(range(slots))
+  modalities = tuple(range(slots)) if slot_modalities is None else tuple(slot_modalities)
+  if len(modalities) != slots:
+    raise ValueError(f"slot_modalities={modalities} names {len(modalities)} slots; the batch "
+                     f"has {slots}.")
   flat_labels = jnp.repeat(labels, slots)
-  flat_modalities = jnp.tile(jnp.arange(slots), batch_size)
+  flat_modalities = jnp.tile(jnp.asarray(modalities), batch_size)
   valid = present.reshape(-1)
   step_rng = jax.random.fold_in(state.rng, state.step)
   w = loss_config
@@ -180,19 +286,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     embeddings = outputs["embeddings"].reshape(batch_size * slots, -1)
     terms = {}
     if w.cross_entropy:
-      terms["cross_entropy"] = losses.cosine_cross_entropy(
-          embeddings, outputs["class_weights"], flat_labels, valid, outputs["scale"],
-          w.cosine_margin)
+      terms["cross_entropy"] = IDENTITY_LOSSES[model.classifier](
+          outputs, embeddings, flat_labels, valid, w)
     if w.triplet:
       terms["triplet"] = losses.cross_modal_triplet(
           features, flat_labels, flat_modalities, valid, w.triplet_margin, w.soft_margin)
     if w.center:
       terms["center"] = losses.center_alignment(features, flat_labels, flat_modalities, valid,
-                                                slots)
+                                                max(modalities) + 1)
+    if w.get("wrt", 0.0):
+      terms["wrt"] = losses.weighted_regularized_triplet(features, flat_labels, valid)
     if w.consistency:
       disc_logits = discriminator.apply({"params": state.disc_params}, features)
       terms["consistency"] = losses.modality_confusion_loss(disc_logits, valid)
     if w.reconstruction:
+      _require_outputs(outputs, ("reconstruction", "reconstruction_target",
+                                 "reconstruction_mask"), "reconstruction", w.reconstruction, model)
       map_shape = outputs["reconstruction"].shape
       flat_maps = (batch_size * slots,) + map_shape[2:]
       terms["reconstruction"] = losses.masked_reconstruction_loss(
@@ -200,7 +309,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
           outputs["reconstruction_target"].reshape(flat_maps),
           outputs["reconstruction_mask"].reshape(flat_maps[:3]), valid)
     total = sum(getattr(w, name) * value for name, value in terms.items())
-    aux = (terms, updates["batch_stats"], features, outputs["modal_weights"], outputs["scale"])
+    aux = (terms, updates["batch_stats"], features, outputs.get("modal_weights"),
+           outputs.get("scale"))
     return total, aux
 
   (total, (terms, batch_stats, features, modal_weights, scale)), grads = jax.value_and_grad(
@@ -228,7 +338,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       **{f"loss/{name}": value for name, value in terms.items()},
       "loss/discriminator": disc_loss,
       "discriminator/accuracy": disc_accuracy,
-      "classifier/scale": scale,
       "learning_rate/generator": schedules[0](state.step),
       "learning_rate/discriminator": schedules[1](state.step),
       "norm/gradients": optax.tree.norm(grads),
@@ -236,13 +345,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       "norm/updates": optax.tree.norm(updates),
       "norm/discriminator_gradients": optax.tree.norm(disc_grads),
   }
-  for slot in range(slots):
-    metrics[f"modal_weight/{slot}"] = (jnp.sum(modal_weights[:, slot] * present_f[:, slot])
-                                       / jnp.maximum(jnp.sum(present_f[:, slot]), 1.0))
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, disc_params=disc_params,
-                            disc_opt_state=disc_opt_state)
-  return new_state, metrics
+  if scale is not None:  # the cosine classifier's
+    metrics["classifier/scale"] = scale
+  if modal_weights is not None:  # with the cross-modal attention, per dataset modality
+    for modality in sorted(set(modalities)):
+      held = present_f * (jnp.asarray(modalities) == modality)
+      metrics[f"modal_weight/{modality}"] = (jnp.sum(modal_weights * held)
+                                             / jnp.maximum(jnp.sum(held), 1.0))
+  # A step whose losses, gradients or new state hold a NaN or an infinity changes nothing but
+  # the step counter (the loop counts such steps, `faults.BadSteps`).
+  updated = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state,
+             "disc_params": disc_params, "disc_opt_state": disc_opt_state}
+  finite = faults.all_finite((total, terms, disc_loss, grads, disc_grads, updated))
+  metrics[faults.SKIPPED_METRIC] = 1.0 - finite.astype(jnp.float32)
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                      {name: getattr(state, name) for name in updated})
+  return state.replace(step=state.step + 1, **kept), metrics
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -256,6 +374,7 @@ class Trainer:
 
   Attributes:
     config, workdir, mesh, model, discriminator, sampler, train_set, num_modalities.
+    stopped: after `train`, the line saying where SIGTERM or SIGINT stopped it (else None).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
@@ -263,18 +382,17 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     self.mesh = make_mesh() if mesh is None else mesh
-    self.builder = datasets.get_builder(config.data.name, config.data.data_dir)
+    faults.check_config(config, self.mesh.size)  # before the data is prepared or anything compiles
+    self.builder = datasets.builder_from_config(config.data)
     datasets.prepare(self.builder, config.data.get("manual_dir"))
     self.train_set = datasets.load_split(self.builder, "train")
     self.num_modalities = len(self.train_set.modality_names)
+    faults.check_modalities(config, self.train_set.modality_names)
     self.sampler = TupleSampler(self.train_set, config.data.num_identities,
                                 config.data.tuples_per_identity,
                                 config.data.single_modality_frac, config.seed)
     batch_size = self.sampler.batch_size
-    if batch_size % self.mesh.size:
-      raise ValueError(f"The batch of {batch_size} tuples (config.data.num_identities x "
-                       f"config.data.tuples_per_identity) is not divisible by the "
-                       f"{self.mesh.size} devices.")
+    self.stopped: str | None = None  # after `train`: why a signal stopped it, and where
     self.model, self.discriminator = build_model(config, self.sampler.num_classes,
                                                  self.num_modalities)
     tx, schedule = make_optimizer(config.optim, batch_size, config.num_train_steps)
@@ -289,7 +407,9 @@ class Trainer:
     self._init = jax.jit(init, out_shardings=self.replicated)
     self.abstract_state = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
     step_fn = functools.partial(train_step, model=self.model, discriminator=self.discriminator,
-                                loss_config=config.loss, schedules=(schedule, disc_schedule))
+                                loss_config=config.loss, schedules=(schedule, disc_schedule),
+                                slot_modalities=training_slots(self.train_set.modality_names,
+                                                               config.augment))
     self.train_step = jax.jit(step_fn, in_shardings=(self.replicated, self.batch_sharding),
                               out_shardings=(self.replicated, self.replicated),
                               donate_argnums=0)
@@ -327,12 +447,40 @@ class Trainer:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in batch.items()}
 
-  def checkpoint_manager(self) -> ocp.CheckpointManager:
-    return checkpoint_manager(self.workdir, self.config)
+  def checkpoint_manager(self, for_training: bool = False) -> ocp.CheckpointManager:
+    """`checkpoint_manager` of this workdir and config."""
+    return checkpoint_manager(self.workdir, self.config, for_training=for_training)
+
+  def config_changes(self) -> list[str] | None:
+    """"key: saved -> now" for each key of this config that differs from WORKDIR/config.json
+    (None when the workdir has no config.json)."""
+    if not os.path.isfile(os.path.join(self.workdir, "config.json")):
+      return None
+    now = ml_collections.ConfigDict(json.loads(self.config.to_json_best_effort()))
+    return faults.config_changes(flatten_config(read_config(self.workdir)), flatten_config(now))
 
   def restore(self, manager: ocp.CheckpointManager, step: int | None = None) -> TrainState:
-    """The state saved at `step` (default: the latest), restored replicated on the mesh."""
+    """The state saved at `step` (default: the latest), restored replicated on the mesh.
+
+    Raises:
+      CheckpointError: no checkpoint of `step` (the message lists the saved steps).
+      ConfigError: the checkpoint's arrays are not those of this config's train state (another
+        model or dataset); the message lists the keys that differ from WORKDIR/config.json.
+    """
     step = checkpoint_step(manager, step)
+    saved = manager.item_metadata(step)["state"]
+    problems = [] if saved is None else faults.shape_differences(
+        faults.tree_shapes(saved),
+        faults.tree_shapes(flax.serialization.to_state_dict(self.abstract_state)))
+    if problems:
+      changes = self.config_changes()
+      saved_config = os.path.join(self.workdir, "config.json")
+      raise faults.ConfigError(
+          f"Checkpoint {step} in {manager.directory} does not fit this config: "
+          f"{'; '.join(problems)}. "
+          + (f"{saved_config} is missing. " if changes is None else
+             f"Keys that differ from {saved_config}: {'; '.join(changes) or 'none'}. ")
+          + "Use the config the checkpoint was trained with, or another --workdir.")
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
         self.abstract_state)
@@ -342,6 +490,8 @@ class Trainer:
 
   def _save(self, manager: ocp.CheckpointManager, state: TrainState, force: bool) -> None:
     step = int(state.step)
+    if jax.process_index() == 0:
+      purge_deleted_checkpoints(manager.directory)
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave({"step": step, "seed": self.config.seed})), force=force)
@@ -349,79 +499,157 @@ class Trainer:
   def train(self, max_steps: int | None = None) -> TrainState:
     """Trains to `config.num_train_steps`, resuming from the latest checkpoint if any.
 
+    A resumed run may change the config (the changed keys are logged) as long as the train
+    state keeps its arrays. SIGTERM or SIGINT stops training at the next step boundary with a
+    checkpoint of that step, and `stopped` says where (a later call resumes); a second signal
+    acts as usual. A step with non-finite values is not applied; after `config.max_bad_steps`
+    of them in a row training stops with NonFiniteError, writing no checkpoint of its own.
+
     Args:
       max_steps: stop (with a checkpoint) after this many steps of this invocation, for
         time-boxed jobs; a later call resumes. None: run to the end.
+
+    Raises:
+      ConfigError: the newest checkpoint does not fit this config.
+      NonFiniteError: `config.max_bad_steps` steps in a row were not applied.
     """
     config = self.config
-    write_config(config, self.workdir)
-    manager = self.checkpoint_manager()
-    if manager.latest_step() is not None:
-      state = self.restore(manager)
-      logging.info("Resumed from step %d of %s.", int(state.step), manager.directory)
-    else:
-      state = self.initial_state()
-    initial_step = int(state.step)
-    writer = metric_writers.create_default_writer(
-        self.workdir, just_logging=jax.process_index() > 0)
-    if initial_step == 0:
-      writer.write_hparams({k: v for k, v in flatten_config(config).items()
-                            if isinstance(v, (int, float, str, bool))})
-    hooks = []
-    if jax.process_index() == 0:
-      hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                                   writer=writer))
-    dataset = train_batches(self.train_set, self.sampler, config, initial_step,
-                            config.num_train_steps, jax.process_index(), jax.process_count())
-    pending: list[dict[str, jax.Array]] = []
-    modality_names = self.train_set.modality_names
-    last_step = config.num_train_steps
-    if max_steps is not None:
-      last_step = min(last_step, initial_step + max_steps)
-    for step, batch in zip(range(initial_step + 1, last_step + 1), dataset.as_numpy_iterator()):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = self.train_step(state, self.device_batch(batch))
-      pending.append(metrics)
-      for hook in hooks:
-        hook(step)
-      if step % config.log_every_steps == 0 or step == last_step:
-        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                   for k in pending[0]}
-        summary = {(f"modal_weight/{modality_names[int(k.split('/')[1])]}"
-                    if k.startswith("modal_weight/") else k): v for k, v in summary.items()}
-        writer.write_scalars(step, summary)
-        pending = []
-      if step % config.checkpoint_every_steps == 0 and step != last_step:
-        self._save(manager, state, force=False)
-    if int(state.step) not in manager.all_steps():  # rerunning a finished run saves nothing
-      self._save(manager, state, force=True)
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+    self.stopped = None
+    manager = self.checkpoint_manager(for_training=True)
+    writer = None
+    try:
+      with faults.StopSignals(enabled=jax.process_count() == 1) as signals:
+        if manager.latest_step() is not None:
+          state = self.restore(manager)
+          logging.info("Resumed from step %d of %s.", int(state.step), manager.directory)
+          changes = self.config_changes()
+          if changes:
+            logging.warning("Resumed with a config that differs from %s/config.json in: %s.",
+                            self.workdir, "; ".join(changes))
+        else:
+          state = self.initial_state()
+        write_config(config, self.workdir)
+        initial_step = int(state.step)
+        writer = metric_writers.create_default_writer(
+            self.workdir, just_logging=jax.process_index() > 0)
+        if initial_step == 0:
+          writer.write_hparams({k: v for k, v in flatten_config(config).items()
+                                if isinstance(v, (int, float, str, bool))})
+        hooks = []
+        if jax.process_index() == 0:
+          hooks.append(periodic_actions.ReportProgress(
+              num_train_steps=config.num_train_steps, writer=writer))
+        dataset = train_batches(self.train_set, self.sampler, config, initial_step,
+                                config.num_train_steps, jax.process_index(),
+                                jax.process_count())
+        pending: list[dict[str, jax.Array]] = []
+        bad_steps = faults.BadSteps(config.max_bad_steps)
+        modality_names = self.train_set.modality_names
+        last_step = config.num_train_steps
+        if max_steps is not None:
+          last_step = min(last_step, initial_step + max_steps)
+        for step, batch in zip(range(initial_step + 1, last_step + 1),
+                               dataset.as_numpy_iterator()):
+          with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, metrics = self.train_step(state, self.device_batch(batch))
+          pending.append(metrics)
+          bad_steps.record(step, metrics)
+          for hook in hooks:
+            hook(step)
+          if step % config.log_every_steps == 0 or step == last_step:
+            summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                       for k in pending[0]}
+            summary = {(f"modal_weight/{modality_names[int(k.split('/')[1])]}"
+                        if k.startswith("modal_weight/") else k): v for k, v in summary.items()}
+            writer.write_scalars(step, summary)
+            pending = []
+          if signals.received or manager.reached_preemption(step):
+            self.stopped = (f"Stopped by {signals.received or 'a preemption notice'} at step "
+                            f"{step} of {config.num_train_steps}; checkpoint written to "
+                            f"{manager.directory / str(step)}. Run the same command again to "
+                            "resume.")
+            break
+          if step % config.checkpoint_every_steps == 0 and step != last_step:
+            bad_steps.flush()  # a checkpoint never ends a run of refused updates
+            self._save(manager, state, force=False)
+        bad_steps.flush()
+        if int(state.step) not in manager.all_steps():  # rerunning a finished run saves nothing
+          self._save(manager, state, force=True)
+    except faults.NonFiniteError as error:
+      manager.wait_until_finished()
+      latest = manager.latest_step()
+      raise faults.NonFiniteError(
+          f"{error} "
+          + ("No checkpoint was written yet. " if latest is None else
+             f"The newest checkpoint, step {latest} in {manager.directory}, holds the last "
+             "applied update: lower config.optim.base_learning_rate or set "
+             "config.optim.clip_grad_norm, then rerun to resume from it.")) from None
+    finally:
+      manager.wait_until_finished()
+      if jax.process_index() == 0:
+        purge_deleted_checkpoints(manager.directory)
+      manager.close()
+      if writer is not None:
+        writer.flush()
+    if self.stopped:
+      logging.warning("%s", self.stopped)
     return state
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  """The orbax manager of WORKDIR/checkpoints (items "state" and "meta"), with the config's
-  cadence (`checkpoint_every_steps`) and retention (`keep_checkpoints`)."""
+# Where training's checkpoint manager moves old checkpoints to delete them (under checkpoints/).
+DELETED_DIR = ".deleted"
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, *,
+                       for_training: bool = False) -> ocp.CheckpointManager:
+  """The orbax manager of WORKDIR/checkpoints (items "state" and "meta").
+
+  Every step it lists is a complete checkpoint, whenever a process writing one was killed:
+  orbax writes a checkpoint into a temporary folder and renames it when complete, and training's
+  manager deletes an old checkpoint by renaming it into checkpoints/.deleted/ first.
+
+  Args:
+    workdir: the run's folder.
+    config: its config (`checkpoint_every_steps`, `keep_checkpoints`).
+    for_training: the manager that saves: it creates the folder, keeps the config's cadence
+      and number of checkpoints, and removes what a killed run left (temporary folders,
+      checkpoints/.deleted/). Otherwise it only reads, and creates or removes nothing.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if for_training and jax.process_index() == 0:
+    purge_deleted_checkpoints(directory)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every_steps,
-      create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options, item_names=("state", "meta"))
+      create=for_training, cleanup_tmp_directories=for_training,
+      todelete_subdir=DELETED_DIR if for_training else None)
+  return ocp.CheckpointManager(directory, options=options, item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+
+def purge_deleted_checkpoints(directory: str | os.PathLike) -> None:
+  """Removes the old checkpoints that orbax moved into DIRECTORY/.deleted/ (each in one atomic
+  rename: a kill while removing them here leaves no partial checkpoint among the steps)."""
+  trash = os.path.join(os.fspath(directory), DELETED_DIR)
+  if os.path.isdir(trash):
+    for name in os.listdir(trash):
+      shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
 
 def checkpoint_step(manager: ocp.CheckpointManager, step: int | None = None) -> int:
   """`step` if `manager` holds it, or its newest step when `step` is None.
 
   Raises:
-    FileNotFoundError: no such checkpoint (the message lists the saved steps).
+    CheckpointError: no such checkpoint (the message lists the saved steps).
   """
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(
-        f"No checkpoint for step {step} in {manager.directory}; saved steps: "
-        f"{sorted(manager.all_steps())}.")
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise faults.CheckpointError(
+        f"No checkpoint in {manager.directory} (saved steps: none): --workdir must be the "
+        "folder of a training run; train one first (--mode=train).")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise faults.CheckpointError(
+        f"No checkpoint for step {step} in {manager.directory}; saved steps: {steps}.")
   return step
 
 

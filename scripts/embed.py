@@ -47,9 +47,13 @@ def embed_folder(embedder: Embedder, folder: str, modality: str, show_progress: 
   """(N, E) embeddings of the images under `folder` and their relative paths."""
   embedder.modality_index(modality)  # an unknown modality fails before any decoding
   paths = find_images(folder)
-  files = tf.data.Dataset.from_tensor_slices([os.path.join(folder, p) for p in paths])
-  images = (files.map(lambda path: augment.decode(tf.io.read_file(path), embedder.height,
-                                                  embedder.width),
+  encoded = []
+  for path in paths:  # a file that cannot be decoded is named before anything is embedded
+    with open(os.path.join(folder, path), "rb") as f:
+      encoded.append(f.read())
+    augment.check_image(encoded[-1], os.path.join(folder, path))
+  files = tf.data.Dataset.from_tensor_slices(tf.constant(encoded, tf.string))
+  images = (files.map(lambda image: augment.decode(image, embedder.height, embedder.width),
                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .batch(embedder.batch_size)
             .prefetch(2))

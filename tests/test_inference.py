@@ -282,3 +282,8 @@ def test_embed_script_writes_embeddings_and_index(run: SimpleNamespace, embedder
   with pytest.raises(ValueError, match="Unknown modality 'thermal'"):
     script.main(["--workdir", str(run.workdir), "--images", str(folder), "--modality",
                  "thermal", "--output", str(output)])
+  truncated = folder / "cam0" / "broken.png"
+  truncated.write_bytes(split.images[rows[0]][:40])
+  with pytest.raises(ValueError, match=r"broken\.png: not an image that can be read"):
+    script.main(["--workdir", str(run.workdir), "--images", str(folder), "--modality", "ir",
+                 "--output", str(output)])

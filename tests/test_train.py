@@ -307,11 +307,12 @@ def test_generator_update_leaves_discriminator_untouched_and_vice_versa(tiny, se
 
 
 def test_loss_falls_on_tiny_set(tiny: SimpleNamespace, tmp_path: Path):
-  """80 AdamW steps (lr 1e-3) on the tiny set: the total loss falls clearly.
+  """80 AdamW steps (lr 1e-3) on the tiny set: the loss on the first 8 batches falls clearly.
 
-  The per-batch loss is noisy (identities and single-modality slots vary); after 40 steps the
-  last-8 / first-8 ratio ranged 0.77-0.85 over seeds 0-3, so the run has 80 steps (0.64-0.74).
-  The trained state's loss on the first 8 batches, free of that noise, gave 0.60-0.69.
+  The per-batch training loss is too noisy to compare (identities and single-modality slots
+  vary, and the trajectory depends on the CPU's rounding: its last-8 / first-8 ratio was
+  0.64-0.74 on one machine and 0.81 on another), so the test compares the loss of the initial
+  and of the trained parameters on the same 8 batches, with the same mask draws.
   """
   config = load_config("tiny", tiny.config.data.data_dir, **{
       "num_train_steps": 80, "optim.name": "adamw", "optim.base_learning_rate": 1e-3,
@@ -322,22 +323,25 @@ def test_loss_falls_on_tiny_set(tiny: SimpleNamespace, tmp_path: Path):
   # optimizer differs, so reuse them rather than compile another initialiser.
   state = tiny.initial.replace(tx=tx, opt_state=tx.init(tiny.initial.params))
   state = jax.device_put(state, trainer.replicated)
-  losses, first_batches = [], []
-  for batch in train_batches(trainer.train_set, trainer.sampler, config, 0, 80
-                             ).as_numpy_iterator():
-    if len(first_batches) < 8:
-      first_batches.append(batch)
+  batches = list(train_batches(trainer.train_set, trainer.sampler, config, 0, 80
+                               ).as_numpy_iterator())
+
+  def loss_on_first_batches(state: train.TrainState) -> float:
+    """Mean loss of `state`'s parameters on batches 0..7, with step i's mask draws (a step's loss
+    precedes its update)."""
+    host = jax.device_get(state)
+    return float(np.mean([step(trainer, host.replace(step=np.int32(i)), batch)[1]["loss/total"]
+                          for i, batch in enumerate(batches[:8])]))
+
+  before = loss_on_first_batches(state)
+  losses = []
+  for batch in batches:
     state, metrics = trainer.train_step(state, trainer.device_batch(batch))
     losses.append(float(metrics["loss/total"]))
   assert len(losses) == 80 and np.all(np.isfinite(losses))
   assert int(state.step) == 80
-  first, last = np.mean(losses[:8]), np.mean(losses[-8:])
-  assert last < 0.8 * first, (first, last, losses)
-  # The loss is computed before each update: one step on a copy of the trained state measures
-  # the trained network on the first 8 batches again.
-  trained = jax.device_get(state)
-  again = np.mean([step(trainer, trained, batch)[1]["loss/total"] for batch in first_batches])
-  assert again < 0.75 * first, (first, again)
+  after = loss_on_first_batches(state)
+  assert after < 0.8 * before, (before, after, losses)
 
 
 def test_gradient_clipping_option():

@@ -4,19 +4,42 @@ Training: `Dataset.range(start_step, num_steps)` -> the stateless sampler's rows
 one element per image (row, slot, seed) -> parallel, deterministic decode and augmentation ->
 batch -> prefetch. Encoded images sit in memory as one string tensor. Each host builds the global
 batch's rows and keeps its own contiguous share (`jax.process_index()`).
+
+A batch holds one slot per modality (`training_slots`); with `config.augment.exchange_view`
+(CAJ) one more slot holds a second, independently augmented view of each tuple's RGB image with
+its channels exchanged (`augment.augment(..., exchange=True)`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from mmreid_jax import faults
 from mmreid_jax.data import augment as augment_lib
 from mmreid_jax.data.datasets import ImageSet
 from mmreid_jax.data.sampling import TupleSampler
+
+
+def training_slots(modality_names: Sequence[str], augment_config: ml_collections.ConfigDict
+                   ) -> tuple[int, ...]:
+  """The dataset modality each slot of a training batch holds: slot m holds modality m, and with
+  `augment_config.exchange_view` one more slot holds the channel-exchanged second view of the
+  "rgb" images (CAJ).
+
+  Raises:
+    ConfigError: `exchange_view` on a dataset without an "rgb" modality.
+  """
+  slots = tuple(range(len(modality_names)))
+  if augment_config.get("exchange_view", False):
+    if "rgb" not in modality_names:
+      raise faults.ConfigError(f"config.augment.exchange_view=True needs an 'rgb' modality; "
+                               f"the dataset has {list(modality_names)}.")
+    slots += (list(modality_names).index("rgb"),)
+  return slots
 
 
 def train_batches(image_set: ImageSet, sampler: TupleSampler, config: ml_collections.ConfigDict,
@@ -25,7 +48,7 @@ def train_batches(image_set: ImageSet, sampler: TupleSampler, config: ml_collect
   """Batches for steps start_step .. num_steps - 1.
 
   Each element is a dict of NumPy-convertible tensors for this host's share of the global batch
-  (N = P * K / process_count tuples, S slots):
+  (N = P * K / process_count tuples, S slots, `training_slots`):
     "images": (N, S, H, W, 3) uint8 (zeros where absent), "present": (N, S) bool,
     "labels": (N,) int32.
 
@@ -42,7 +65,11 @@ def train_batches(image_set: ImageSet, sampler: TupleSampler, config: ml_collect
     raise ValueError(f"Global batch of {global_batch} tuples (P x K) is not divisible by "
                      f"{process_count} processes.")
   local = global_batch // process_count
-  slots = sampler.num_slots
+  # The sampler's column (= modality) that each batch slot reads; slots past the modalities are
+  # second views (`training_slots`).
+  sources = np.asarray(training_slots(image_set.modality_names, config.augment))
+  num_modalities = sampler.num_slots
+  slots = len(sources)
   height, width = config.data.height, config.data.width
   rgb_slot = image_set.modality_names.index("rgb") if "rgb" in image_set.modality_names else -1
   encoded = tf.constant(list(image_set.images), tf.string)
@@ -50,8 +77,8 @@ def train_batches(image_set: ImageSet, sampler: TupleSampler, config: ml_collect
   def sample(step):
     batch = sampler(int(step))
     start = process_index * local
-    return (batch.rows[start:start + local], batch.present[start:start + local],
-            batch.labels[start:start + local])
+    return (batch.rows[start:start + local][:, sources],
+            batch.present[start:start + local][:, sources], batch.labels[start:start + local])
 
   def sample_tf(step):
     rows, present, labels = tf.numpy_function(sample, [step], [tf.int64, tf.bool, tf.int32],
@@ -72,8 +99,11 @@ def train_batches(image_set: ImageSet, sampler: TupleSampler, config: ml_collect
 
   def load(element):
     image = augment_lib.decode(tf.gather(encoded, tf.maximum(element["row"], 0)), height, width)
-    image = augment_lib.augment(image, element["seed"], tf.equal(element["slot"], rgb_slot),
-                                config.augment)
+    slot_modality = tf.gather(tf.constant(sources, tf.int32), element["slot"])
+    exchange = (tf.greater_equal(element["slot"], num_modalities) if slots > num_modalities
+                else None)
+    image = augment_lib.augment(image, element["seed"], tf.equal(slot_modality, rgb_slot),
+                                config.augment, exchange=exchange)
     image = tf.where(element["present"], image, tf.zeros_like(image))
     return {"image": image, "present": element["present"], "label": element["label"]}
 

@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from mmreid_jax import faults
 from mmreid_jax.data.datasets import ImageSet
 
 
@@ -53,9 +54,11 @@ class TupleSampler:
     self.num_slots = len(image_set.modality_names)
     self.class_pids = np.unique(image_set.pids)
     if num_identities > len(self.class_pids):
-      raise ValueError(
-          f"config.data.num_identities={num_identities} (P) is larger than the "
-          f"{len(self.class_pids)} identities of the training split.")
+      raise faults.ConfigError(
+          f"config.data.num_identities={num_identities} (P, of the P x K="
+          f"{num_identities} x {tuples_per_identity} batch) is larger than the "
+          f"{len(self.class_pids)} identities of the training split; expected at most "
+          f"{len(self.class_pids)}.")
     self.paired = bool(np.all(image_set.tuple_ids >= 0))
     # Per identity: a list of candidate tuples, each an (S,) array of rows (-1 = absent); for
     # unpaired sets, per identity and slot the rows to draw from.

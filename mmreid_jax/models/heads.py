@@ -1,4 +1,9 @@
-"""Heads on the fused embedding: BNNeck, cosine classifier, modality discriminator."""
+"""Heads on the embedding: BNNeck, identity classifiers (`CLASSIFIERS`), modality discriminator.
+
+An identity classifier maps the embedding width to a dict of its variables for the loss:
+"class_weights" (num_classes, E) always, and "scale" () for the cosine classifier. The train step
+picks the identity loss by the model's `classifier` name (`train.IDENTITY_LOSSES`).
+"""
 
 from __future__ import annotations
 
@@ -27,20 +32,39 @@ class BNNeck(nn.Module):
 class CosineClassifier(nn.Module):
   """Identity class weights w_c and a learnable positive scale s = exp(log_scale).
 
-  Returns the class weights and the scale; the modal cosine cross-entropy
-  (`losses.cosine_cross_entropy`) turns them into logits s * cos(f, w_c).
+  The modal cosine cross-entropy (`losses.cosine_cross_entropy`) turns them into logits
+  s * cos(f, w_c).
   """
 
   num_classes: int
   initial_scale: float = 16.0
 
   @nn.compact
-  def __call__(self, dim: int) -> tuple[jax.Array, jax.Array]:
-    """Returns (class weights (num_classes, dim), scale ())."""
+  def __call__(self, dim: int) -> dict[str, jax.Array]:
+    """Returns {"class_weights": (num_classes, dim), "scale": ()}."""
     weights = self.param("weights", nn.initializers.normal(0.01), (self.num_classes, dim))
     log_scale = self.param("log_scale", nn.initializers.constant(math.log(self.initial_scale)),
                            ())
-    return weights, jnp.exp(log_scale)
+    return {"class_weights": weights, "scale": jnp.exp(log_scale)}
+
+
+class LinearClassifier(nn.Module):
+  """A bias-free linear identity classifier, logits f @ W^T (AGW's `nn.Linear(E, C,
+  bias=False)`, initialised N(0, 0.001^2)); `losses.softmax_cross_entropy` is its loss."""
+
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, dim: int) -> dict[str, jax.Array]:
+    """Returns {"class_weights": (num_classes, dim)}."""
+    weights = self.param("weights", nn.initializers.normal(0.001), (self.num_classes, dim))
+    return {"class_weights": weights}
+
+
+CLASSIFIERS: dict[str, type[nn.Module]] = {
+    "cosine": CosineClassifier,
+    "linear": LinearClassifier,
+}
 
 
 class ModalityDiscriminator(nn.Module):

@@ -98,3 +98,55 @@ def horizontal_stripes(x: jax.Array, num_stripes: int) -> jax.Array:
     end = -((-(i + 1) * h) // num_stripes)
     stripes.append(jnp.mean(x[..., start:end, :, :], axis=(-3, -2)))
   return jnp.stack(stripes, axis=-2)
+
+
+def gem_pool(x: jax.Array, p: float, eps: float = 1e-6) -> jax.Array:
+  """Generalised-mean (GeM) pooling of (..., h, w, C) over h and w into (..., C) float32.
+
+  (mean over positions of max(x, eps)^p)^(1/p) (Radenović et al.): p = 1 is average pooling
+  (of the clamped map), p -> infinity max pooling; AGW uses p = 3 on post-ReLU maps. Computed as
+  m * mean((x / m)^p)^(1/p) with m the per-channel maximum (gradient stopped), which is the same
+  value for any m > 0 and so has the same gradient, but cannot overflow for large p.
+  """
+  x = jnp.maximum(x.astype(jnp.float32), eps)
+  peak = jax.lax.stop_gradient(jnp.max(x, axis=(-3, -2), keepdims=True))
+  mean = jnp.mean(jnp.power(x / peak, p), axis=(-3, -2))
+  return peak[..., 0, 0, :] * jnp.power(mean, 1.0 / p)
+
+
+class NonLocal(nn.Module):
+  """Non-local block (Wang et al., CVPR 2018) in AGW's form: embedded dot product divided by the
+  number of positions, and a residual whose output BatchNorm starts at zero scale and shift, so
+  that the block is an identity map at initialisation.
+
+  On x of shape (B, h, w, C), with N = h * w positions and 1x1 convolutions (with bias) theta,
+  phi and g to `C // reduction` channels (AGW's "proper" bottleneck width C / 2):
+    y_i = sum_j <theta(x)_i, phi(x)_j> / N * g(x)_j,   z = x + BN(W(y)).
+
+  Attributes:
+    reduction: bottleneck width is C // reduction.
+    dtype: compute dtype.
+  """
+
+  reduction: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool,
+               mask: jax.Array | None = None) -> jax.Array:
+    """(B, h, w, C) -> (B, h, w, C); `mask` (B,) marks the samples the BatchNorm counts."""
+    batch, height, width, channels = x.shape
+    inner = max(channels // self.reduction, 1)
+    positions = height * width
+
+    def project(name: str) -> jax.Array:
+      y = nn.Conv(inner, (1, 1), dtype=self.dtype, name=name)(x)
+      return y.reshape(batch, positions, inner)
+
+    theta, phi, g = project("theta"), project("phi"), project("g")
+    affinity = jnp.einsum("bic,bjc->bij", theta, phi) / positions
+    y = jnp.einsum("bij,bjc->bic", affinity, g).reshape(batch, height, width, inner)
+    y = nn.Conv(channels, (1, 1), dtype=self.dtype, name="w")(y)
+    y = MaskedBatchNorm(dtype=self.dtype, scale_init=nn.initializers.zeros, name="w_bn")(
+        y, use_running_average, mask)
+    return x + y.astype(x.dtype)

@@ -1,14 +1,23 @@
-"""The joint-attention multimodal ReID network (DESIGN.md section 3).
+"""The joint-attention multimodal ReID network (DESIGN.md section 3), and AGW as its switches.
 
 Input: a batch of modality tuples, images (B, S, H, W, 3) uint8 or float in [0, 255], with slot s
 holding modality `modalities[s]` and presence (B, S). Each slot goes through the stem of its
 modality (ResNet stages 0..`specific_stages`), then the shared stages, the cross-modal attention,
 the three-branch fusion and the BNNeck. Training passes every modality slot; evaluation passes
 the one modality it embeds, so only that stem runs.
+
+The same code builds the two-stream baselines by its switches: `attention=False` drops the
+cross-modal attention, `embedding="gem"` replaces the fusion by GeM pooling of the backbone map
+(`EMBEDDINGS`), `non_local` inserts non-local blocks into the backbone, `classifier="linear"`
+uses a plain linear identity classifier (`heads.CLASSIFIERS`). `AGW` (Ye et al., TPAMI 2021) is
+that network: two-stream ResNet (modality-specific stem, shared stages 1-4, last stride 1),
+non-local blocks (0, 2, 3, 0), GeM (p = 3), BNNeck and a linear classifier.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -18,11 +27,55 @@ import numpy as np
 
 from mmreid_jax.models.attention import CrossModalAttention
 from mmreid_jax.models.fusion import MultimodalFusion
-from mmreid_jax.models.heads import BNNeck, CosineClassifier
-from mmreid_jax.models.resnet import ResNet
+from mmreid_jax.models.heads import CLASSIFIERS, BNNeck
+from mmreid_jax.models.layers import gem_pool
+from mmreid_jax.models.resnet import ResNet, stage_channels
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+  """How a slot's pre-BNNeck embedding is made from the (attended) feature maps.
+
+  Attributes:
+    apply: (model, maps (B, S, h, w, C), present (B, S), modalities, train) -> (features
+      (B, S, E), extra outputs); it runs inside the model's compact `__call__`, so the
+      submodules it creates are the model's.
+    dim: model -> E.
+  """
+
+  apply: Callable[["MultimodalReID", jax.Array, jax.Array, tuple[int, ...], bool],
+                  tuple[jax.Array, dict[str, jax.Array]]]
+  dim: Callable[["MultimodalReID"], int]
+
+
+def _fusion_embedding(model: "MultimodalReID", maps: jax.Array, present: jax.Array,
+                      modalities: tuple[int, ...], train: bool
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The paper's three-branch fusion; extra outputs are branch 3's reconstruction tensors."""
+  fused = MultimodalFusion(model.num_modalities, model.embed_dim, model.num_stripes,
+                           model.part_dim, dtype=model.dtype, name="fusion")(
+                               maps, present, modalities, train)
+  features = fused.pop("embedding")
+  return features, fused
+
+
+def _gem_embedding(model: "MultimodalReID", maps: jax.Array, present: jax.Array,
+                   modalities: tuple[int, ...], train: bool
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """GeM pooling of the map with exponent `gem_p` (AGW); no extra outputs."""
+  del present, modalities, train
+  return gem_pool(maps, model.gem_p), {}
+
+
+EMBEDDINGS: dict[str, Embedding] = {
+    "fusion": Embedding(_fusion_embedding,
+                        lambda m: 2 * m.embed_dim + m.num_stripes * m.part_dim),
+    "gem": Embedding(_gem_embedding, lambda m: stage_channels(m.depth, m.width, 4)),
+}
 
 
 class MultimodalReID(nn.Module):
@@ -36,6 +89,11 @@ class MultimodalReID(nn.Module):
     embed_dim, num_stripes, part_dim: fusion sizes.
     attention_reduction, attention_dim: cross-modal attention sizes.
     dtype: compute dtype (float32 or bfloat16); parameters are float32.
+    attention: apply the cross-modal attention (False: the backbone maps go on as they are).
+    embedding: an `EMBEDDINGS` name, "fusion" (the paper) or "gem" (GeM pooling).
+    gem_p: the GeM exponent of `embedding="gem"`.
+    non_local: non-local blocks per ResNet stage 1..4 (`resnet.ResNet.non_local`).
+    classifier: a `heads.CLASSIFIERS` name, "cosine" (the paper) or "linear".
   """
 
   num_classes: int
@@ -50,6 +108,11 @@ class MultimodalReID(nn.Module):
   attention_reduction: int = 16
   attention_dim: int = 64
   dtype: Any = jnp.float32
+  attention: bool = True
+  embedding: str = "fusion"
+  gem_p: float = 3.0
+  non_local: tuple[int, ...] = (0, 0, 0, 0)
+  classifier: str = "cosine"
 
   @nn.compact
   def __call__(self, images: jax.Array, present: jax.Array, modalities: tuple[int, ...],
@@ -65,35 +128,58 @@ class MultimodalReID(nn.Module):
     Returns:
       "features": (B, S, E) pre-BNNeck embeddings (metric losses, discriminator);
       "embeddings": (B, S, E) post-BNNeck embeddings (classifier, retrieval);
-      "class_weights": (num_classes, E), "scale": (), "modal_weights": (B, S);
-      and the branch-3 "reconstruction*" tensors of `MultimodalFusion`.
+      "class_weights": (num_classes, E), and "scale": () for the cosine classifier;
+      "modal_weights": (B, S) with the attention on; and the embedding's extra outputs (the
+      fusion's branch-3 "reconstruction*" tensors of `MultimodalFusion`).
     """
     if len(modalities) != images.shape[1]:
       raise ValueError(f"{images.shape[1]} image slots but modalities={modalities}.")
+    if self.embedding not in EMBEDDINGS:
+      raise ValueError(f"config.model.embedding={self.embedding!r}; expected one of "
+                       f"{sorted(EMBEDDINGS)}.")
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f"config.model.classifier={self.classifier!r}; expected one of "
+                       f"{sorted(CLASSIFIERS)}.")
     x = (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
+    non_local = tuple(self.non_local)
     stems = {m: ResNet(self.depth, self.width, self.last_stride, 0, self.specific_stages,
-                       self.dtype, name=f"stem_{m}") for m in range(self.num_modalities)}
+                       self.dtype, non_local, name=f"stem_{m}")
+             for m in range(self.num_modalities)}
     stem_out = jnp.stack([stems[m](x[:, slot], train, present[:, slot])
                           for slot, m in enumerate(modalities)], axis=1)
     batch, slots = present.shape
     flat = stem_out.reshape((batch * slots,) + stem_out.shape[2:])
     shared = ResNet(self.depth, self.width, self.last_stride, self.specific_stages + 1, 4,
-                    self.dtype, name="shared")(flat, train, present.reshape(-1))
+                    self.dtype, non_local, name="shared")(flat, train, present.reshape(-1))
     feature_maps = shared.reshape((batch, slots) + shared.shape[1:])
 
-    attended, modal_weights = CrossModalAttention(
-        self.attention_reduction, self.attention_dim, self.dtype, name="attention")(
-            feature_maps, present, modalities)
-    fused = MultimodalFusion(self.num_modalities, self.embed_dim, self.num_stripes,
-                             self.part_dim, dtype=self.dtype, name="fusion")(
-                                 attended, present, modalities, train)
-    features = fused.pop("embedding")
+    outputs = {}
+    if self.attention:
+      feature_maps, outputs["modal_weights"] = CrossModalAttention(
+          self.attention_reduction, self.attention_dim, self.dtype, name="attention")(
+              feature_maps, present, modalities)
+    features, extra = EMBEDDINGS[self.embedding].apply(self, feature_maps, present, modalities,
+                                                       train)
     embeddings = BNNeck(name="bnneck")(features, present, train)
-    class_weights, scale = CosineClassifier(self.num_classes, name="classifier")(
-        embeddings.shape[-1])
-    return {"features": features, "embeddings": embeddings, "class_weights": class_weights,
-            "scale": scale, "modal_weights": modal_weights, **fused}
+    classifier = CLASSIFIERS[self.classifier](self.num_classes, name="classifier")
+    return {"features": features, "embeddings": embeddings, **classifier(embeddings.shape[-1]),
+            **outputs, **extra}
 
   @property
   def embedding_dim(self) -> int:
-    return 2 * self.embed_dim + self.num_stripes * self.part_dim
+    """E, the width of one slot's embedding."""
+    return EMBEDDINGS[self.embedding].dim(self)
+
+
+class AGW(MultimodalReID):
+  """AGW (Ye et al., "Deep Learning for Person Re-identification: A Survey and Outlook", TPAMI
+  2021; mangye16/Cross-Modal-Re-ID-baseline): `MultimodalReID` without attention or fusion, with
+  non-local blocks (2 in stage 2, 3 in stage 3, bottleneck width C / 2), GeM pooling (p = 3),
+  BNNeck and a bias-free linear identity classifier. Its losses (identity cross-entropy and the
+  weighted regularised triplet, `losses.weighted_regularized_triplet`) are the config's.
+  """
+
+  attention: bool = False
+  embedding: str = "gem"
+  non_local: tuple[int, ...] = (0, 2, 3, 0)
+  classifier: str = "linear"

@@ -6,6 +6,11 @@ only, with the same submodule names as the whole network, so a two-stream ReID b
 per-modality `ResNet(0, k)` followed by a shared `ResNet(k + 1, 4)`, and torchvision weights map
 onto either by name. `last_stride=1` keeps stage 4 at the resolution of stage 3 (the ReID
 convention); torchvision's classifier network has `last_stride=2`.
+
+`non_local=(n1, n2, n3, n4)` inserts n_s non-local blocks (`layers.NonLocal`) in stage s, after
+its last n_s residual blocks (AGW: (0, 2, 3, 0)), named `non_local{s}_{b}` after block
+`layer{s}_{b}`; they are not part of torchvision's network and keep their initialisation when
+pretrained weights are loaded.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmreid_jax.models.layers import MaskedBatchNorm
+from mmreid_jax.models.layers import MaskedBatchNorm, NonLocal
 
 STAGE_SIZES: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2),
@@ -88,6 +93,7 @@ class ResNet(nn.Module):
     last_stride: stride of stage 4 (1 for ReID, 2 for torchvision's classifier).
     first_stage, last_stage: the stages held, 0 (stem) to 4.
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
+    non_local: non-local blocks per stage 1..4, after the last blocks of each held stage.
   """
 
   depth: int = 50
@@ -96,6 +102,7 @@ class ResNet(nn.Module):
   first_stage: int = 0
   last_stage: int = 4
   dtype: Any = jnp.float32
+  non_local: tuple[int, ...] = (0, 0, 0, 0)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -107,6 +114,11 @@ class ResNet(nn.Module):
     if not 0 <= self.first_stage <= self.last_stage <= 4:
       raise ValueError(f"ResNet stages {self.first_stage}..{self.last_stage}: expected "
                        "0 <= first_stage <= last_stage <= 4.")
+    if len(self.non_local) != 4 or any(
+        not 0 <= n <= blocks for n, blocks in zip(self.non_local, STAGE_SIZES[self.depth])):
+      raise ValueError(f"ResNet-{self.depth} non_local={tuple(self.non_local)}: expected four "
+                       "counts (stages 1..4), each at most the stage's blocks "
+                       f"{STAGE_SIZES[self.depth]}.")
     x = x.astype(self.dtype)
     if self.first_stage == 0:
       x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
@@ -117,7 +129,8 @@ class ResNet(nn.Module):
     bottleneck = self.depth in BOTTLENECK_DEPTHS
     for stage in range(max(self.first_stage, 1), self.last_stage + 1):
       filters = self.width * 2 ** (stage - 1)
-      for block in range(STAGE_SIZES[self.depth][stage - 1]):
+      num_blocks = STAGE_SIZES[self.depth][stage - 1]
+      for block in range(num_blocks):
         strides = 1
         if block == 0 and stage > 1:
           strides = self.last_stride if stage == 4 else 2
@@ -126,4 +139,6 @@ class ResNet(nn.Module):
             4 if bottleneck else 1))
         x = _Block(filters, strides, bottleneck, downsample, self.dtype,
                    name=f"layer{stage}_{block}")(x, train, mask)
+        if block >= num_blocks - self.non_local[stage - 1]:
+          x = NonLocal(dtype=self.dtype, name=f"non_local{stage}_{block}")(x, not train, mask)
     return x

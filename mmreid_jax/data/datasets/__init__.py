@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmreid_jax.data.datasets.manifest import Manifest
 from mmreid_jax.data.datasets.manual import LayoutError, ManualBuilder
 from mmreid_jax.data.datasets.regdb import Regdb
 from mmreid_jax.data.datasets.rgbnt201 import Rgbnt201
 from mmreid_jax.data.datasets.synthetic_mm import SyntheticMm, SyntheticMmConfig
 from mmreid_jax.data.datasets.sysu_mm01 import SysuMm01
 
-__all__ = ["DATASETS", "ImageSet", "LayoutError", "ManualBuilder", "Regdb", "Rgbnt201",
-           "SyntheticMm", "SyntheticMmConfig", "SysuMm01", "eval_splits", "get_builder",
-           "load_split", "prepare"]
+__all__ = ["DATASETS", "ImageSet", "LayoutError", "Manifest", "ManualBuilder", "Regdb",
+           "Rgbnt201", "SyntheticMm", "SyntheticMmConfig", "SysuMm01", "builder_from_config",
+           "eval_splits", "get_builder", "load_split", "prepare"]
 
 DATASETS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "synthetic_mm": SyntheticMm,
     "sysu_mm01": SysuMm01,
     "regdb": Regdb,
     "rgbnt201": Rgbnt201,
+    "manifest": Manifest,
 }
 
 
@@ -58,8 +60,12 @@ class ImageSet:
                     self.modality_names)
 
 
-def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """The builder for `name` ("dataset" or "dataset/config", e.g. "synthetic_mm/demo")."""
+def get_builder(name: str, data_dir: str | None = None, **options) -> tfds.core.DatasetBuilder:
+  """The builder for `name` ("dataset" or "dataset/config", e.g. "synthetic_mm/demo").
+
+  `options` go to the builder's constructor: the `config.data` keys a builder class lists in
+  `BUILDER_OPTIONS` (the manifest dataset's `manifest`; see `builder_from_config`).
+  """
   dataset, _, config = name.partition("/")
   if dataset not in DATASETS:
     raise ValueError(f"Unknown dataset {dataset!r} in config.data.name={name!r}; "
@@ -69,7 +75,16 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
   if config and config not in known:
     raise ValueError(f"Unknown config {config!r} of dataset {dataset!r} in "
                      f"config.data.name={name!r}; known configs: {known}.")
-  return builder_cls(config=config or None, data_dir=data_dir)
+  return builder_cls(config=config or None, data_dir=data_dir, **options)
+
+
+def builder_from_config(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The builder of `config.data`: `name`, `data_dir`, and the keys the builder class lists in
+  `BUILDER_OPTIONS` (e.g. `manifest`)."""
+  builder_cls = DATASETS.get(data.name.partition("/")[0])
+  keys = getattr(builder_cls, "BUILDER_OPTIONS", ())
+  return get_builder(data.name, data.get("data_dir"),
+                     **{key: data[key] for key in keys if data.get(key) is not None})
 
 
 def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None) -> None:
@@ -82,8 +97,9 @@ def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None) ->
   if builder.is_prepared():
     return
   if isinstance(builder, ManualBuilder):
-    root = manual_dir or os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
+    root = builder.manual_root(manual_dir)
     builder.check_layout(root)
+    manual_dir = str(root)
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
   builder.download_and_prepare(download_config=download_config)
 

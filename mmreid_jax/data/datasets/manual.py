@@ -4,7 +4,9 @@ Real re-identification sets cannot be downloaded by code. Their builders read th
 unpacked, in the dataset's official layout, and never download anything. Before reading, the
 tree is checked, and everything missing (every folder and list file, then every listed image or
 unpaired capture) is reported in one error that shows the expected layout and where the README
-explains the download.
+explains the download. Then every image is decoded once, as training decodes it: an unreadable
+one is skipped (with its capture), and one warning counts those, the images decoding converts
+(grayscale, alpha, 16 bits) and the identities lacking a modality (`ManualBuilder.check_images`).
 
 A builder subclass only says where files are and how identities and cameras are read: the folders
 and list files it needs (`required_paths`) and the records of each split (`read_records`). The
@@ -23,7 +25,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import tensorflow_datasets as tfds
+from absl import logging
 
+from mmreid_jax import faults
+from mmreid_jax.data import augment
 from mmreid_jax.data.datasets import schema
 
 README_SECTION = "README.md, section \"Real benchmarks\""
@@ -32,7 +37,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _MAX_LISTED_PROBLEMS = 20
 
 
-class LayoutError(FileNotFoundError):
+class LayoutError(faults.RunError, FileNotFoundError):
   """A downloaded dataset's folder is missing parts of its official layout."""
 
 
@@ -61,6 +66,23 @@ def list_images(folder: Path) -> list[str]:
     return []
   return sorted(entry.name for entry in folder.iterdir()
                 if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def identity_notes(records: dict[str, list[Record]], modalities: Sequence[str]) -> list[str]:
+  """For each split and each of its modalities, the identities with no image of it (they train
+  with that modality absent; as queries or gallery they simply have fewer images)."""
+  notes = []
+  for split, split_records in records.items():
+    by_pid: dict[int, set[int]] = {}
+    for record in split_records:
+      by_pid.setdefault(record.pid, set()).add(record.modality)
+    for modality in sorted(set().union(*by_pid.values()) if by_pid else ()):
+      lacking = sorted(pid for pid, present in by_pid.items() if modality not in present)
+      if lacking:
+        notes.append(f"{split}: {len(lacking)} of {len(by_pid)} identities have no "
+                     f"{modalities[modality]} image: "
+                     + ", ".join(summarize([str(pid) for pid in lacking])))
+  return notes
 
 
 def summarize(problems: Sequence[str], limit: int = _MAX_LISTED_PROBLEMS) -> list[str]:
@@ -92,6 +114,13 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder):
       cls.MANUAL_DOWNLOAD_INSTRUCTIONS = (
           f"{cls.DOWNLOAD}\nUnpack it so that the manual directory holds:\n{cls.LAYOUT}\n"
           f"Step-by-step instructions: {README_SECTION}.")
+
+  def manual_root(self, manual_dir: str | os.PathLike | None) -> Path:
+    """The folder the download is read from: `manual_dir` (`config.data.manual_dir`), or TFDS's
+    DATA_DIR/downloads/manual when it is None."""
+    if manual_dir:
+      return Path(manual_dir)
+    return Path(os.fspath(self.data_dir_root)) / "downloads" / "manual"
 
   @abc.abstractmethod
   def required_paths(self) -> list[str]:
@@ -150,10 +179,67 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder):
         supervised_keys=None,
     )
 
+  def layout_notes(self, root: Path) -> list[str]:
+    """What the tree holds that is read without error but worth a warning (e.g. empty identity
+    folders); `check_images` logs them. None by default."""
+    del root
+    return []
+
+  def check_images(self, root: str | os.PathLike, records: dict[str, list[Record]]
+                   ) -> dict[str, list[Record]]:
+    """Each split's records without the images that `augment.decode` cannot read.
+
+    An unreadable image (truncated, corrupt, not an image) is skipped, with the other images of
+    its capture on sets of aligned captures. One warning counts everything skipped or worth
+    knowing: the unreadable images, the images that decoding converts (grayscale in the "rgb"
+    modality, alpha, 16 bits, palettes: `augment.CONVERSIONS`), the identities of a split that
+    have no image of one of its modalities, and `layout_notes`.
+
+    Raises:
+      LayoutError: a split has no readable image left.
+    """
+    root = Path(root)
+    unreadable, bad_paths, bad_captures = [], set(), set()
+    converted: dict[str, list[str]] = {}
+    for split_records in records.values():
+      for record in split_records:
+        try:
+          note = augment.check_image((root / record.path).read_bytes(), record.path)
+        except augment.ImageError as error:
+          unreadable.append(str(error))
+          bad_paths.add(record.path)
+          if record.tuple_id >= 0:
+            bad_captures.add(record.tuple_id)
+          continue
+        modality = self.MODALITIES[record.modality]
+        if note and (modality == "rgb" or not note.startswith(("grayscale,", "1-bit,"))):
+          converted.setdefault(f"{modality} images, {note}", []).append(record.path)
+    kept = {split: [r for r in split_records if r.path not in bad_paths
+                    and (r.tuple_id < 0 or r.tuple_id not in bad_captures)]
+            for split, split_records in records.items()}
+    empty = [split for split, split_records in kept.items() if not split_records]
+    if empty:
+      raise self._error(root, "no readable images left for the splits "
+                        f"{', '.join(empty)}:", unreadable)
+    notes = []
+    if unreadable:
+      dropped = sum(len(rs) for rs in records.values()) - sum(len(rs) for rs in kept.values())
+      notes.append(f"{len(unreadable)} unreadable images skipped ({dropped} images with the "
+                   "rest of their captures):")
+      notes += [f"  {line}" for line in summarize(unreadable)]
+    for what, paths in sorted(converted.items()):
+      notes.append(f"{len(paths)} {what}: " + ", ".join(summarize(paths, 3)))
+    notes += identity_notes(kept, self.MODALITIES)
+    notes += self.layout_notes(root)
+    if notes:
+      logging.warning("%s", "\n".join([f"{self.name}: reading {root}:",
+                                         *(f"  {note}" for note in notes)]))
+    return kept
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = Path(os.fspath(dl_manager.manual_dir))
     return {split: self._generate_examples(root, records)
-            for split, records in self.scan(root).items()}
+            for split, records in self.check_images(root, self.scan(root)).items()}
 
   def _generate_examples(self, root: Path, records: list[Record]
                          ) -> Iterator[tuple[str, dict]]:

@@ -69,8 +69,9 @@ class RegdbConfig(tfds.core.BuilderConfig):
 class Regdb(ManualBuilder):
   """RegDB: 412 identities, 10 visible and 10 thermal images each, ten train/test splits."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Unreadable images skipped and counted in a warning."}
   MODALITIES = MODALITIES
   EVAL_SPLITS = ("test", "test")
   BUILDER_CONFIGS = [RegdbConfig(name=str(t), description=f"Split (trial) {t} of 10.", trial=t)

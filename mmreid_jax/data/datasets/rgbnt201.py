@@ -30,16 +30,19 @@ def parse_name(name: str) -> tuple[int, int]:
     ValueError: when the name does not follow that pattern.
   """
   parts = name.split("_")
-  if len(parts) < 2 or not parts[1].startswith("cam"):
-    raise ValueError(f"{name!r} does not look like '<pid>_cam<c>_<...>.jpg'")
+  if (len(parts) < 2 or not parts[1].startswith("cam") or not parts[0].isdigit()
+      or not parts[1][len("cam"):].isdigit()):
+    raise ValueError(f"{name!r} does not look like '<pid>_cam<c>_<...>.jpg' (pid and camera "
+                     "numbers)")
   return int(parts[0]), int(parts[1][len("cam"):])
 
 
 class Rgbnt201(ManualBuilder):
   """RGBNT201: 201 identities in aligned RGB / NIR / TIR triplets from four cameras."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Unreadable images skipped and counted in a warning."}
   MODALITIES = MODALITIES
   EVAL_SPLITS = ("test", "test")
   DOWNLOAD = ("RGBNT201 is distributed by the authors of PFNet (Zheng et al., \"Robust "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from mmreid_jax.data.datasets.manual import ManualBuilder, Record, list_images
+from mmreid_jax.data.datasets.manual import ManualBuilder, Record, list_images, summarize
 
 MODALITIES = ("rgb", "ir")
 RGB_CAMERAS = (1, 2, 4, 5)
@@ -78,8 +78,9 @@ def identity_images(root: Path, cameras: tuple[int, ...], ids: list[int]) -> lis
 class SysuMm01(ManualBuilder):
   """SYSU-MM01: 491 identities, 4 RGB and 2 infrared cameras."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Unreadable images skipped and counted in a warning."}
   MODALITIES = MODALITIES
   DOWNLOAD = ("SYSU-MM01 is distributed by its authors on request "
               "(https://github.com/wuancong/SYSU-MM01).")
@@ -110,3 +111,27 @@ class SysuMm01(ManualBuilder):
         "query": identity_images(root, IR_CAMERAS, test_ids),
         "gallery": identity_images(root, RGB_CAMERAS, test_ids),
     }, problems
+
+  def layout_notes(self, root: Path) -> list[str]:
+    """Identity folders without images, and listed identities without any image (both are
+    skipped: an identity is read from whichever cameras hold its images)."""
+    empty, absent = [], []
+    for relative in ID_FILES.values():
+      try:
+        ids = read_ids(root / relative)
+      except ValueError:  # reported by read_records
+        continue
+      for pid in ids:
+        folders = [identity_folder(camera, pid) for camera in CAMERAS]
+        empty += [f"{folder}/" for folder in folders
+                  if (root / folder).is_dir() and not list_images(root / folder)]
+        if not any(list_images(root / folder) for folder in folders):
+          absent.append(f"{pid} ({relative})")
+    notes = []
+    if empty:
+      notes.append(f"{len(empty)} identity folders hold no image: "
+                   + ", ".join(summarize(sorted(set(empty)))))
+    if absent:
+      notes.append(f"{len(absent)} listed identities have no image in any camera: "
+                   + ", ".join(summarize(absent)))
+    return notes
