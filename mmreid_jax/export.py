@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from jax.experimental import jax2tf  # noqa: E402
 
-from mmreid_jax.inference import Embedder, resize_images  # noqa: E402
+from mmreid_jax.data.augment import resize  # noqa: E402
+from mmreid_jax.inference import Embedder  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -79,7 +80,7 @@ def export_saved_model(embedder: Embedder, output_dir: str) -> str:
                                polymorphic_shapes=[None, "(b, ...)"], with_gradient=False)
 
     def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
-      resized = resize_images(images, embedder.height, embedder.width)
+      resized = resize(images, embedder.height, embedder.width)
       return {"embeddings": converted(variables, resized)}
 
     return tf.function(serve, autograph=False, input_signature=[

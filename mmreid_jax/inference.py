@@ -23,21 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorflow as tf
 
 from mmreid_jax import evaluate, train
-from mmreid_jax.data import datasets
-
-
-def resize_images(images: Any, height: int, width: int) -> tf.Tensor:
-  """(B, h, w, 3) images in [0, 255] -> (B, height, width, 3) uint8, resized as evaluation does.
-
-  The resize of `augment.decode` (bilinear with antialiasing, rounded and clipped to uint8): a
-  uint8 image gives exactly the pixels evaluation feeds the model. Works eagerly and inside a
-  `tf.function` (the exported SavedModel resizes with it).
-  """
-  resized = tf.image.resize(images, (height, width), method="bilinear", antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+from mmreid_jax.data import augment, datasets
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -157,7 +145,7 @@ class Embedder:
       images: (B, H, W, C) uint8 or float images in [0, 255] of any size, C = 3 (or 1 for a
         grey image, repeated to three channels as decoding does); or, for captures, a mapping
         {modality: (B, H, W, C) images} with the same B (and row order) for every modality.
-        They are resized to the model's size as evaluation resizes (`resize_images`; float
+        They are resized to the model's size as evaluation resizes (`augment.resize`; float
         images are rounded to uint8 pixels on the way).
       modality: the images' modality ("rgb", "ir", ...); None for captures.
 
@@ -227,7 +215,7 @@ class Embedder:
       images = np.repeat(images, 3, axis=-1)
     if images.dtype == np.uint8 and images.shape[1:3] == (self.height, self.width):
       return images  # what resizing would return, bit for bit
-    return resize_images(images, self.height, self.width).numpy()
+    return augment.resize(images, self.height, self.width).numpy()
 
   def _pad(self, batch: np.ndarray) -> np.ndarray:
     """Zero rows up to the next power of two (at most `batch_size`): few compiled shapes."""

@@ -24,7 +24,8 @@ from safetensors.numpy import save_file
 import torch_reference
 from mmreid_jax import config_lib, convert, evaluate, export, train
 from mmreid_jax.data import datasets
-from mmreid_jax.inference import Embedder, resize_images
+from mmreid_jax.data.augment import resize
+from mmreid_jax.inference import Embedder
 
 ROOT = Path(__file__).resolve().parents[1]
 MODALITIES = ("rgb", "ir", "depth")
@@ -177,7 +178,7 @@ def test_any_size_dtype_channels_and_batch(run: SimpleNamespace, embedder: Embed
   assert reference.shape == (8, embedder.embedding_dim)
   np.testing.assert_allclose(np.linalg.norm(reference, axis=1), 1.0, atol=1e-5)
   # Resized as evaluation resizes: the same as passing the resized uint8 images.
-  np.testing.assert_array_equal(embedder(resize_images(images, 32, 16).numpy(), "ir"),
+  np.testing.assert_array_equal(embedder(resize(images, 32, 16).numpy(), "ir"),
                                 reference)
   np.testing.assert_allclose(embedder(images.astype(np.float32), "ir"), reference, atol=1e-6)
   grey = images[..., :1]

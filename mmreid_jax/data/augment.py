@@ -81,7 +81,14 @@ def decode(encoded: tf.Tensor, height: int, width: int) -> tf.Tensor:
   """
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
-  resized = tf.image.resize(image, (height, width), method="bilinear", antialias=True)
+  return resize(image, height, width)
+
+
+def resize(images: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  """(h, w, 3) or (B, h, w, 3) images in [0, 255] -> uint8 images of height x width: bilinear
+  with antialiasing, rounded and clipped (how every image reaches the model; `inference` and the
+  exported SavedModel resize with it too)."""
+  resized = tf.image.resize(images, (height, width), method="bilinear", antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
 
