@@ -353,7 +353,7 @@ def test_gradient_clipping_option():
   params = {"w": jnp.ones((2, 2))}
   updates, _ = tx.update({"w": jnp.full((2, 2), 10.0)}, tx.init(params), params)
   assert float(schedule(3)) == 0.5
-  np.testing.assert_allclose(optax.global_norm(updates), 0.5, rtol=1e-6)  # lr x clipped norm 1
+  np.testing.assert_allclose(optax.tree.norm(updates), 0.5, rtol=1e-6)  # lr x clipped norm 1
   np.testing.assert_allclose(updates["w"], -0.25, rtol=1e-6)
 
 
