@@ -109,6 +109,12 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config.eval.distance = "cosine"
   config.eval.max_rank = 20
   config.eval.raw_pixel_baseline = True
+  # Pictures under WORKDIR/eval/ and in TensorBoard (README "Pictures"): CMC curves, ranked
+  # gallery grids of `num_grid_queries` queries (drawn with config.seed), modality-weight
+  # histograms and a 2-D embedding map ("pca" or "tsne"), with an offline index.html.
+  config.eval.pictures = True
+  config.eval.num_grid_queries = 8
+  config.eval.embedding_map = "pca"
 
   if preset == "demo":
     # From scratch on a CPU in minutes: AdamW, a short warm-up and lighter erasing converge in

@@ -8,7 +8,10 @@ mirror image when `config.eval.flip`), L2-normalised, and ranked by cosine or Eu
 per-modality embeddings are fused by `fuse_modalities`. Metrics (CMC, mAP, mINP) come from
 `metrics.evaluate_ranking` under the benchmark's rule; protocols with several gallery trials
 (SYSU-MM01) report the mean and standard deviation over trials. Results go to
-WORKDIR/eval/<dataset>.json in the format of DESIGN.md section 8, to TensorBoard and to stdout.
+WORKDIR/eval/<dataset>.json in the format of DESIGN.md section 8, to TensorBoard and to stdout;
+unless `config.eval.pictures` is False, pictures of what the model learned (CMC curves,
+ranked-gallery grids, the attention's modality weights, an embedding map) and an index.html go
+to WORKDIR/eval/ and TensorBoard (`write_pictures`, `visualize`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from mmreid_jax import metrics
+from mmreid_jax import metrics, visualize
 from mmreid_jax.data import datasets
 from mmreid_jax.data import sysu_mm01 as sysu_protocol
 from mmreid_jax.data.pipeline import eval_batches
@@ -315,6 +318,94 @@ class FeatureExtractor:
     return features
 
 
+  def _weights_fn(self, num_modalities: int) -> Callable:
+    key = ("modal_weights", num_modalities)
+    if key not in self._fns:
+      def weights(variables, images, present):
+        outputs = self.model.apply(variables, images, present, tuple(range(num_modalities)),
+                                   train=False)
+        return outputs["modal_weights"].astype(jnp.float32)
+      self._fns[key] = jax.jit(weights)
+    return self._fns[key]
+
+  def modal_weights(self, image_set: datasets.ImageSet, table: np.ndarray, height: int,
+                    width: int) -> np.ndarray:
+    """The cross-modal attention's modality weights A_m(m) of tuples of `image_set`'s rows.
+
+    Each tuple (a row of `table`) goes through the model once, without flipping, with the slots
+    of its rows present; a model without the attention (`model.attention` False) has none.
+
+    Args:
+      image_set: the rows.
+      table: (T, M) row of each tuple's modalities, -1 where absent (`capture_table`,
+        `modality_tuples`).
+      height, width: the model's input size.
+
+    Returns:
+      (T, M) float32 weights, zero where absent, summing to one over each tuple's present
+      modalities.
+    """
+    num_modalities = table.shape[1]
+    available = table >= 0
+    flat = image_set.subset(np.where(available, table, 0).reshape(-1))
+    fn = self._weights_fn(num_modalities)
+    outputs, done = [], 0
+    for images, count in eval_batches(flat, height, width, self.batch_size * num_modalities):
+      images = images.reshape((self.batch_size, num_modalities) + images.shape[1:])
+      real = count // num_modalities
+      present = np.ones((self.batch_size, num_modalities), bool)  # padding rows: discarded
+      present[:real] = available[done:done + real]
+      done += real
+      images = images * present[..., None, None, None].astype(images.dtype)
+      if self.sharding is not None:
+        images, present = (jax.device_put(images, self.sharding),
+                           jax.device_put(present, self.sharding))
+      outputs.append(np.asarray(fn(self.variables, images, present))[:real])
+    if not outputs:
+      return np.zeros((0, num_modalities), np.float32)
+    return np.concatenate(outputs)
+
+
+def modality_tuples(image_set: datasets.ImageSet, seed: int = 0) -> np.ndarray:
+  """Tuples of one image per modality and identity, for the attention's modality weights.
+
+  A set of aligned captures (`tuple_id` on every row) gives its captures (`capture_table`). An
+  unpaired set (SYSU-MM01, RegDB) gives, per identity, as many tuples as its most frequent
+  modality has images: each modality's images of the identity in a seeded random order, repeated
+  where it has fewer (the identity-balanced tuples training draws, `data.sampling`).
+
+  Returns:
+    (T, M) int64 rows (-1 where the identity lacks the modality).
+  """
+  if len(image_set) and np.all(image_set.tuple_ids >= 0):
+    return capture_table(image_set)[0]
+  rng = np.random.default_rng(seed)
+  num_modalities = len(image_set.modality_names)
+  tables = []
+  for pid in np.unique(image_set.pids):
+    rows = [rng.permutation(np.flatnonzero((image_set.pids == pid)
+                                           & (image_set.modalities == m)))
+            for m in range(num_modalities)]
+    count = max(len(r) for r in rows)
+    table = np.full((count, num_modalities), -1, np.int64)
+    for m, r in enumerate(rows):
+      if len(r):
+        table[:, m] = np.resize(r, count)
+    tables.append(table)
+  return (np.concatenate(tables) if tables
+          else np.zeros((0, num_modalities), np.int64))
+
+
+def row_modal_weights(table: np.ndarray, weights: np.ndarray, num_rows: int) -> np.ndarray:
+  """Each row's modality weight: the mean over the tuples holding it (`modality_tuples`) of the
+  weight of its slot; NaN for a row in no tuple. (T, M), (T, M) -> (num_rows,) float64."""
+  present = table >= 0
+  sums = np.bincount(table[present], weights=weights[present], minlength=num_rows)
+  counts = np.bincount(table[present], minlength=num_rows)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
 def raw_pixel_features(image_set: datasets.ImageSet, height: int, width: int) -> np.ndarray:
   """(N, H * W * 3) L2-normalised raw pixels, the baseline every learned model must beat."""
   batches = [images[:count].reshape(count, -1).astype(np.float32)
@@ -487,14 +578,36 @@ def rerank_options(eval_config: ml_collections.ConfigDict) -> dict[str, float] |
           "lambda_value": eval_config.get("rerank_lambda", 0.3)}
 
 
+def picture_options(eval_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The picture keys of `config.eval` with their defaults (a config without them gets the
+  defaults): `pictures` (True), `num_grid_queries` (8), `embedding_map` ("pca" or "tsne").
+
+  Raises:
+    ValueError: an unknown `embedding_map` or a negative `num_grid_queries`.
+  """
+  options = {"pictures": bool(eval_config.get("pictures", True)),
+             "num_grid_queries": int(eval_config.get("num_grid_queries", 8)),
+             "embedding_map": str(eval_config.get("embedding_map", "pca"))}
+  if options["embedding_map"] not in visualize.EMBEDDING_MAPS:
+    raise ValueError(f"config.eval.embedding_map={options['embedding_map']!r}; expected one of "
+                     f"{visualize.EMBEDDING_MAPS}.")
+  if options["num_grid_queries"] < 0:
+    raise ValueError(f"config.eval.num_grid_queries={options['num_grid_queries']}; expected "
+                     ">= 0.")
+  return options
+
+
 def evaluate_model(config: ml_collections.ConfigDict, builder, model, variables: dict[str, Any],
                    step: int, workdir: str, sharding: jax.sharding.Sharding | None = None
                    ) -> dict[str, Any]:
-  """Evaluates `variables` on the test splits; writes JSON and TensorBoard; returns the report."""
+  """Evaluates `variables` on the test splits; writes JSON, TensorBoard and, unless
+  `config.eval.pictures` is False, the pictures and index.html of `write_pictures`; returns the
+  report."""
   dataset_name = builder.name
   if dataset_name not in PROTOCOLS:
     raise ValueError(f"No evaluation protocol for dataset {dataset_name!r}; known: "
                      f"{sorted(PROTOCOLS)}.")
+  options = picture_options(config.eval)
   query_split, gallery_split = datasets.eval_splits(builder)
   query = datasets.load_split(builder, query_split)
   gallery = query if gallery_split == query_split else datasets.load_split(builder, gallery_split)
@@ -518,6 +631,15 @@ def evaluate_model(config: ml_collections.ConfigDict, builder, model, variables:
     report["baselines"] = {"raw_pixel": {
         name: {k: v for k, v in protocol_entry(results).items() if k in STD_RATES}
         for name, results in raw.items()}}
+  modal_weights = None
+  if options["pictures"] and getattr(model, "attention", False):
+    # Every process runs the forward passes (a sharded jit); process 0 draws.
+    table = modality_tuples(query, int(config.get("seed", 0)))
+    modal_weights = {"query": (table, extractor.modal_weights(query, table, height, width))}
+    modal_weights["gallery"] = modal_weights["query"]
+    if gallery is not query:
+      table = modality_tuples(gallery, int(config.get("seed", 0)))
+      modal_weights["gallery"] = (table, extractor.modal_weights(gallery, table, height, width))
   if jax.process_index() == 0:
     write_report(report, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=False,
@@ -526,8 +648,237 @@ def evaluate_model(config: ml_collections.ConfigDict, builder, model, variables:
                                 for name, entry in report["protocols"].items()
                                 for metric, value in entry.items()
                                 if isinstance(value, float)})
+    if options["pictures"]:
+      try:
+        write_pictures(config, report, protocols, query, gallery, features, ranked,
+                       modal_weights, workdir, writer)
+      except Exception:  # pylint: disable=broad-except
+        # The report is written; a picture must not cost the run its printed results.
+        logging.exception("Writing the evaluation pictures to %s failed.",
+                          os.path.join(workdir, "eval"))
     writer.flush()
   return report
+
+
+# Gallery images per query in the ranked-gallery grids.
+GRID_TOP_K = 10
+# Identities in the embedding map.
+MAP_IDENTITIES = 20
+
+
+def cross_modal_protocols(protocols: Sequence[Protocol], query: datasets.ImageSet,
+                          gallery: datasets.ImageSet) -> list[Protocol]:
+  """The protocols whose queries and gallery (first trial) are single images of disjoint
+  modalities: the cross-modal directions ("ir->rgb", SYSU-MM01's, RegDB's), not "all"."""
+  chosen = []
+  for protocol in protocols:
+    if protocol.query_modalities is not None or protocol.gallery_modalities is not None:
+      continue
+    query_modalities = set(np.unique(query.modalities[protocol.query_rows]).tolist())
+    gallery_modalities = set(np.unique(gallery.modalities[protocol.gallery_trials[0]]).tolist())
+    if query_modalities.isdisjoint(gallery_modalities):
+      chosen.append(protocol)
+  return chosen
+
+
+def decoded_images(image_set: datasets.ImageSet, rows: np.ndarray, height: int,
+                   width: int) -> np.ndarray:
+  """(len(rows), height, width, 3) uint8: the rows' images as evaluation feeds them."""
+  rows = np.asarray(rows, np.int64)
+  if not len(rows):
+    return np.zeros((0, height, width, 3), np.uint8)
+  return np.concatenate([images[:count] for images, count in
+                         eval_batches(image_set.subset(rows), height, width, 64)])
+
+
+def grid_picture(config: ml_collections.ConfigDict, protocol: Protocol, index: int,
+                 query: datasets.ImageSet, gallery: datasets.ImageSet,
+                 features: dict[FeatureKey, np.ndarray], query_weights: np.ndarray | None,
+                 num_queries: int, step: int):
+  """The ranked-gallery grid of one single-image protocol (its first gallery trial).
+
+  `num_queries` queries are drawn without replacement by a generator seeded with
+  (config.seed, index), so an evaluation of another step shows the same queries; each is ranked
+  as `rank_protocols` ranks it (distance, re-ranking, the protocol's rule) and shown with its
+  first `GRID_TOP_K` gallery images.
+
+  Returns:
+    The figure and the grid's description (`visualize` module docstring, grid_<protocol>.json).
+  """
+  seed = int(config.get("seed", 0))
+  rng = np.random.default_rng([seed, index])
+  count = min(num_queries, len(protocol.query_rows))
+  chosen = np.sort(rng.choice(len(protocol.query_rows), size=count, replace=False))
+  q_rows = protocol.query_rows[chosen]
+  g_rows = protocol.gallery_trials[0]
+  query_features = features[("query", None)]
+  gallery_features = features[("gallery", None)][g_rows]
+  measure = DISTANCES[config.eval.distance]
+  rerank = rerank_options(config.eval)
+  if rerank is None:
+    distmat = measure(query_features[q_rows], gallery_features)
+  else:  # re-ranking needs every query of the protocol
+    every = query_features[protocol.query_rows]
+    distmat = metrics.k_reciprocal_rerank(measure(every, gallery_features),
+                                          measure(every, every),
+                                          measure(gallery_features, gallery_features),
+                                          **rerank)[chosen]
+  top = metrics.ranked_gallery(distmat, query.pids[q_rows], gallery.pids[g_rows],
+                               query.camids[q_rows], gallery.camids[g_rows], GRID_TOP_K,
+                               protocol.rule)
+  shown = np.unique(g_rows[top[top >= 0]])
+  height, width = config.data.height, config.data.width
+  query_images = decoded_images(query, q_rows, height, width)
+  gallery_images = dict(zip(shown.tolist(), decoded_images(gallery, shown, height, width)))
+  names = query.modality_names
+  rows, entries = [], []
+  for i, q in enumerate(q_rows.tolist()):
+    modality = names[query.modalities[q]]
+    weight = None
+    if query_weights is not None and np.isfinite(query_weights[q]):
+      weight = float(query_weights[q])
+    caption = f"query {modality}\nid {query.pids[q]}, cam {query.camids[q]}"
+    if weight is not None:
+      caption += f"\nmodal weight {weight:.2f}"
+    tiles = [visualize.GridTile(query_images[i], modality, caption, None)]
+    listed = []
+    for rank, column in enumerate(top[i].tolist(), start=1):
+      if column < 0:
+        tiles.append(None)
+        continue
+      g = int(g_rows[column])
+      correct = bool(gallery.pids[g] == query.pids[q])
+      tiles.append(visualize.GridTile(gallery_images[g], names[gallery.modalities[g]],
+                                      f"{rank}. id {gallery.pids[g]}\ncam {gallery.camids[g]}",
+                                      correct))
+      listed.append({"rank": rank, "row": g, "path": str(gallery.paths[g]),
+                     "pid": int(gallery.pids[g]), "camid": int(gallery.camids[g]),
+                     "modality": names[gallery.modalities[g]], "correct": correct})
+    rows.append(tiles)
+    entries.append({"row": q, "path": str(query.paths[q]), "pid": int(query.pids[q]),
+                    "camid": int(query.camids[q]), "modality": modality,
+                    "modal_weight": weight, "gallery": listed})
+  title = (f"{protocol.name} at step {step}: {count} of {len(protocol.query_rows)} queries "
+           f"(seed {seed}) and their first {GRID_TOP_K} gallery images; frame green: same "
+           "identity, red: another")
+  fig, boxes = visualize.grid_figure(rows, title)
+  for entry, box_row in zip(entries, boxes):
+    entry["box"] = box_row[0]
+    for item in entry["gallery"]:
+      item["box"] = box_row[item["rank"]]
+  description = {
+      "protocol": protocol.name, "step": step,
+      "trial": 0, "rule": protocol.rule, "distance": config.eval.distance,
+      "rerank": rerank is not None, "top_k": GRID_TOP_K, "seed": seed,
+      "border": visualize.border_width(height, width),
+      "frame_colors": {"correct": list(visualize.CORRECT_COLOR),
+                       "wrong": list(visualize.WRONG_COLOR),
+                       "query": list(visualize.QUERY_COLOR)},
+      "queries": entries,
+  }
+  return fig, description
+
+
+def write_pictures(config: ml_collections.ConfigDict, report: dict[str, Any],
+                   protocols: Sequence[Protocol], query: datasets.ImageSet,
+                   gallery: datasets.ImageSet, features: dict[FeatureKey, np.ndarray],
+                   ranked: dict[str, list[metrics.RankingResult]],
+                   modal_weights: dict[str, tuple[np.ndarray, np.ndarray]] | None,
+                   workdir: str, writer: metric_writers.MetricWriter | None = None
+                   ) -> list[str]:
+  """Writes an evaluation's pictures and index.html under WORKDIR/eval/ (the `visualize`
+  module lists them) and the same pictures to TensorBoard (`writer`, "pictures/<name>").
+
+  Args:
+    config: the run's config (`config.eval` picture keys: `picture_options`).
+    report: the evaluation report (WORKDIR/eval/<dataset>.json).
+    protocols, query, gallery, features, ranked: the evaluation's (`evaluate_model`).
+    modal_weights: None (no attention), or {"query" | "gallery": ((T, M) tuples of the split's
+      rows, `modality_tuples`; (T, M) their modality weights, `FeatureExtractor.modal_weights`)}.
+    workdir: the run's directory.
+    writer: where the pictures also go, or None.
+
+  Returns:
+    The paths written.
+  """
+  options = picture_options(config.eval)
+  directory = os.path.join(workdir, "eval")
+  os.makedirs(directory, exist_ok=True)
+  step, seed = int(report["step"]), int(config.get("seed", 0))
+  title = f"{report['dataset']} at step {step}"
+  pictures: list[tuple[str, str]] = []
+  pixels: dict[str, np.ndarray] = {}
+  written: list[str] = []
+
+  def save(fig, name: str, caption: str) -> None:
+    path = os.path.join(directory, name + ".png")
+    pixels[name] = visualize.save_png(fig, path)
+    pictures.append((name + ".png", caption))
+    written.append(path)
+
+  max_rank = min(20, config.eval.max_rank)
+  save(visualize.cmc_figure(visualize.cmc_curves(ranked, max_rank), f"CMC, {title}"), "cmc",
+       f"CMC curves, Rank-1 to Rank-{max_rank}, of every protocol (mean over gallery trials).")
+
+  query_weights = None
+  if modal_weights is not None:
+    query_weights = row_modal_weights(*modal_weights["query"], len(query))
+  single = ("query", None) in features and ("gallery", None) in features
+  if single and options["num_grid_queries"] > 0:
+    for index, protocol in enumerate(cross_modal_protocols(protocols, query, gallery)):
+      fig, description = grid_picture(config, protocol, index, query, gallery, features,
+                                      query_weights, options["num_grid_queries"], step)
+      name = "grid_" + visualize.file_stem(protocol.name)
+      description = {"dataset": report["dataset"], **description}
+      save(fig, name, f"{protocol.name}: sampled queries and their first {GRID_TOP_K} gallery "
+           "images, framed green (same identity) or red (another)"
+           + ("; the caption's modal weight is the attention's weight of the query's modality "
+              "in its capture" if query_weights is not None else "") + ".")
+      json_path = os.path.join(directory, name + ".json")
+      visualize.write_json(json_path, description)
+      written.append(json_path)
+
+  if modal_weights is not None:
+    sides = [modal_weights["query"]] + ([] if gallery is query else [modal_weights["gallery"]])
+    per_modality: dict[str, list[np.ndarray]] = {n: [] for n in query.modality_names}
+    for table, weights in sides:
+      several = (table >= 0).sum(axis=1) >= 2  # alone, a modality's weight is 1
+      for m, name in enumerate(query.modality_names):
+        per_modality[name].append(weights[several & (table[:, m] >= 0), m])
+    save(visualize.modal_weight_figure({n: np.concatenate(v) for n, v in per_modality.items()},
+                                       f"Cross-modal attention's modality weights, {title} "
+                                       "(dashed: 1 / M)"),
+         "modal_weights",
+         "The cross-modal attention's modality weight A_m(m) of each modality in the test "
+         "captures (" + ("aligned captures" if np.all(query.tuple_ids >= 0) else
+                          "tuples of one image per modality and identity, seeded")
+         + ", at least two modalities present; a modality alone has weight 1).")
+
+  if single:
+    sets = [(query, features[("query", None)])]
+    if gallery is not query:
+      sets.append((gallery, features[("gallery", None)]))
+    pids = np.concatenate([s.pids for s, _ in sets])
+    modalities = np.concatenate([s.modalities for s, _ in sets])
+    embedded = np.concatenate([f for _, f in sets])
+    chosen = np.isin(pids, visualize.sample_identities(pids, MAP_IDENTITIES, seed))
+    method = options["embedding_map"]
+    coords = visualize.project_2d(embedded[chosen], method, seed)
+    label = {"pca": "PCA", "tsne": "t-SNE"}[method]
+    save(visualize.embedding_map_figure(
+        coords, pids[chosen], modalities[chosen], query.modality_names,
+        f"{label} of the embeddings of {len(np.unique(pids[chosen]))} test identities, {title}"),
+        "embedding_map",
+        f"{label} map of the test embeddings (query and gallery images) of at most "
+        f"{MAP_IDENTITIES} identities drawn with seed {seed}: colour by identity, marker by "
+        "modality.")
+
+  written.append(visualize.write_index(directory, report, pictures,
+                                       f"{report['dataset']}.json"))
+  if writer is not None and pixels:
+    writer.write_images(step, {f"pictures/{name}": image[None] for name, image in pixels.items()})
+  logging.info("Wrote %d pictures and %s", len(pixels), written[-1])
+  return written
 
 
 def write_report(report: dict[str, Any], workdir: str) -> str:

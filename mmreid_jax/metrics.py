@@ -25,6 +25,7 @@ __all__ = [
   "evaluate_rank",
   "evaluate_ranking",
   "k_reciprocal_rerank",
+  "ranked_gallery",
 ]
 
 _NORM_EPS = 1e-12
@@ -139,6 +140,72 @@ def _as_1d(x: ArrayLike, length: int, name: str) -> np.ndarray:
   return arr
 
 
+def _kept(
+  matches: np.ndarray,
+  query_camids: np.ndarray,
+  ranked_gallery_camids: np.ndarray,
+  protocol: str,
+) -> np.ndarray:
+  """Which entries of each query's ranking ``protocol`` keeps (see ``PROTOCOLS``).
+
+  Args:
+    matches: ``(C, G)`` bool, ranked gallery entry has the query's identity.
+    query_camids: ``(C,)``.
+    ranked_gallery_camids: ``(C, G)`` camera of each ranked gallery entry.
+    protocol: one of ``PROTOCOLS``.
+
+  Returns:
+    ``(C, G)`` bool.
+  """
+  if protocol == "market":
+    return ~(matches & (ranked_gallery_camids == query_camids[:, None]))
+  if protocol == "sysu":
+    return ~((query_camids[:, None] == _SYSU_QUERY_CAMERA)
+             & (ranked_gallery_camids == _SYSU_IGNORED_GALLERY_CAMERA))
+  return np.ones_like(matches)  # "regdb"
+
+
+def ranked_gallery(
+  distmat: ArrayLike,
+  query_pids: ArrayLike,
+  gallery_pids: ArrayLike,
+  query_camids: ArrayLike,
+  gallery_camids: ArrayLike,
+  top_k: int = 10,
+  protocol: str = "market",
+) -> np.ndarray:
+  """Each query's first ``top_k`` gallery entries, in the order ``evaluate_ranking`` ranks them
+  (stable argsort of the distances) after removing the entries ``protocol`` ignores.
+
+  Args:
+    distmat: ``(Q, G)`` distances.
+    query_pids, query_camids: ``(Q,)``.
+    gallery_pids, gallery_camids: ``(G,)``.
+    top_k: entries per query.
+    protocol: one of ``PROTOCOLS``.
+
+  Returns:
+    ``(Q, top_k)`` int64 gallery indices, ``-1`` past the end of a short kept list.
+  """
+  dist = np.asarray(distmat)
+  if dist.ndim != 2:
+    raise ValueError(f"distmat must be 2-D (Q, G), got shape {dist.shape}")
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol={protocol!r}; expected one of {PROTOCOLS}")
+  num_q, num_g = dist.shape
+  q_pids = _as_1d(query_pids, num_q, "query_pids")
+  q_cams = _as_1d(query_camids, num_q, "query_camids")
+  g_pids = _as_1d(gallery_pids, num_g, "gallery_pids")
+  g_cams = _as_1d(gallery_camids, num_g, "gallery_camids")
+  order = np.argsort(dist, axis=1, kind="stable")
+  keep = _kept(g_pids[order] == q_pids[:, None], q_cams, g_cams[order], protocol)
+  result = np.full((num_q, top_k), -1, np.int64)
+  for row in range(num_q):
+    kept = order[row][keep[row]][:top_k]
+    result[row, :len(kept)] = kept
+  return result
+
+
 def _rank_chunk(
   distmat: np.ndarray,
   query_pids: np.ndarray,
@@ -169,13 +236,7 @@ def _rank_chunk(
   num_g = distmat.shape[1]
   order = np.argsort(distmat, axis=1, kind="stable")
   matches = gallery_pids[order] == query_pids[:, None]
-  if protocol == "market":
-    keep = ~(matches & (gallery_camids[order] == query_camids[:, None]))
-  elif protocol == "sysu":
-    keep = ~((query_camids[:, None] == _SYSU_QUERY_CAMERA)
-             & (gallery_camids[order] == _SYSU_IGNORED_GALLERY_CAMERA))
-  else:  # "regdb"
-    keep = np.ones_like(matches)
+  keep = _kept(matches, query_camids, gallery_camids[order], protocol)
   rel = matches & keep
   # Position of each entry in the kept list, without compacting rows of unequal length.
   position = np.cumsum(keep, axis=1, dtype=np.int64)

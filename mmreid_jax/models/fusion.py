@@ -15,6 +15,11 @@ On the attended maps F'_m (B, S, h, w, C):
    embedding, which is how recovery is trained adversarially.
 The embedding of a slot is concat(a1 * f1, a2 * corr_1..P, a3 * f3) with learned scalars a_k,
 of size 2 * D + P * part_dim.
+
+The fusion strategies the paper compares it with (its Table 4), for ablations
+(`models.reid.EMBEDDINGS` "concat" and "late", `scripts/ablate.py --study fusion`):
+`EarlyConcatFusion` projects the concatenation of a sample's pooled modality maps to one vector,
+`LateFusion` embeds each modality on its own (its scores are averaged at test time).
 """
 
 from __future__ import annotations
@@ -126,3 +131,83 @@ class MultimodalFusion(nn.Module):
         "reconstruction_target": jax.lax.stop_gradient(features.astype(jnp.float32)),
         "reconstruction_mask": mask,
     }
+
+
+def _pooled_by_modality(features: jax.Array, present: jax.Array, modalities: tuple[int, ...],
+                        num_modalities: int) -> jax.Array:
+  """Each sample's average-pooled map of every dataset modality, zero where it is absent.
+
+  Args:
+    features: (B, S, h, w, C), slot s holding modality `modalities[s]`.
+    present: (B, S) bool.
+    modalities: dataset modality index of each slot (static).
+    num_modalities: M, the dataset's modalities.
+
+  Returns:
+    (B, M, C) float32: the mean over a sample's present slots of modality m of GAP(F_s) (one slot
+    per modality, except for a second view such as CAJ's channel-exchanged RGB).
+  """
+  pooled = global_pool(features.astype(jnp.float32), "avg")  # (B, S, C)
+  slot_modality = jax.nn.one_hot(jnp.asarray(modalities), num_modalities)  # (S, M)
+  weights = present.astype(jnp.float32)[:, :, None] * slot_modality[None]  # (B, S, M)
+  counts = jnp.sum(weights, axis=1)  # (B, M)
+  summed = jnp.einsum("bsm,bsc->bmc", weights, pooled)
+  return summed / jnp.maximum(counts, 1.0)[..., None]
+
+
+class EarlyConcatFusion(nn.Module):
+  """Early concatenation (the paper's Table 3 baseline, "simple feature concatenation", and
+  Table 4's "early concatenation"): one vector per sample from its modalities' pooled maps
+  concatenated in the dataset's modality order (zeros for an absent modality) and projected to D,
+  e = W [GAP(F_1); ...; GAP(F_M)] + b. Every present slot of the sample carries that vector; a
+  single-modality image m gets W_m GAP(F_m) + b (W_m its modality's block of W), which is what
+  cross-modal retrieval compares. Absent slots get zeros.
+
+  Attributes:
+    num_modalities: M, the dataset's modalities.
+    embed_dim: D.
+    dtype: compute dtype of the projection.
+  """
+
+  num_modalities: int
+  embed_dim: int = 512
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, present: jax.Array,
+               modalities: tuple[int, ...]) -> jax.Array:
+    """(B, S, h, w, C) maps and (B, S) presence -> (B, S, D) float32 pre-BNNeck embeddings."""
+    batch, slots = present.shape
+    per_modality = _pooled_by_modality(features, present, modalities, self.num_modalities)
+    fused = nn.Dense(self.embed_dim, dtype=self.dtype, name="early_projection")(
+        per_modality.reshape(batch, -1).astype(self.dtype)).astype(jnp.float32)
+    embedding = jnp.broadcast_to(fused[:, None], (batch, slots, self.embed_dim))
+    return embedding * present.astype(jnp.float32)[..., None]
+
+
+class LateFusion(nn.Module):
+  """Late fusion (the paper's Table 4, "weighting scores after independent classification"):
+  every slot is embedded on its own, e_s = W GAP(F_s) + b with one projection W shared by the
+  modalities, without any exchange between the slots of a sample, and classified on its own by
+  the identity losses. Scores are fused at test time: evaluation's capture embedding
+  (`evaluate.fuse_modalities`: each modality's embedding L2-normalised, concatenated) gives the
+  cosine similarity of two captures as the mean of their modalities' cosine similarities, i.e.
+  score averaging. Absent slots get zeros.
+
+  Attributes:
+    embed_dim: D.
+    dtype: compute dtype of the projection.
+  """
+
+  embed_dim: int = 512
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, present: jax.Array,
+               modalities: tuple[int, ...]) -> jax.Array:
+    """(B, S, h, w, C) maps and (B, S) presence -> (B, S, D) float32 pre-BNNeck embeddings."""
+    del modalities  # one projection for every modality
+    pooled = global_pool(features.astype(jnp.float32), "avg")  # (B, S, C)
+    embedding = nn.Dense(self.embed_dim, dtype=self.dtype, name="late_projection")(
+        pooled.astype(self.dtype)).astype(jnp.float32)
+    return embedding * present.astype(jnp.float32)[..., None]

@@ -11,7 +11,10 @@ cross-modal attention, `embedding="gem"` replaces the fusion by GeM pooling of t
 (`EMBEDDINGS`), `non_local` inserts non-local blocks into the backbone, `classifier="linear"`
 uses a plain linear identity classifier (`heads.CLASSIFIERS`). `AGW` (Ye et al., TPAMI 2021) is
 that network: two-stream ResNet (modality-specific stem, shared stages 1-4, last stride 1),
-non-local blocks (0, 2, 3, 0), GeM (p = 3), BNNeck and a linear classifier.
+non-local blocks (0, 2, 3, 0), GeM (p = 3), BNNeck and a linear classifier. The paper's
+ablations (`scripts/ablate.py`) use two more embeddings: "concat" (early concatenation of the
+modalities' pooled maps, projected to D: the paper's baseline) and "late" (each modality
+embedded on its own, scores averaged at test time).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmreid_jax.models.attention import CrossModalAttention
-from mmreid_jax.models.fusion import MultimodalFusion
+from mmreid_jax.models.fusion import EarlyConcatFusion, LateFusion, MultimodalFusion
 from mmreid_jax.models.heads import CLASSIFIERS, BNNeck
 from mmreid_jax.models.layers import gem_pool
 from mmreid_jax.models.resnet import ResNet, stage_channels
@@ -71,10 +74,30 @@ def _gem_embedding(model: "MultimodalReID", maps: jax.Array, present: jax.Array,
   return gem_pool(maps, model.gem_p), {}
 
 
+def _concat_embedding(model: "MultimodalReID", maps: jax.Array, present: jax.Array,
+                      modalities: tuple[int, ...], train: bool
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Early concatenation of the modalities' pooled maps, projected to D (`EarlyConcatFusion`)."""
+  del train
+  return EarlyConcatFusion(model.num_modalities, model.embed_dim, dtype=model.dtype,
+                           name="early_fusion")(maps, present, modalities), {}
+
+
+def _late_embedding(model: "MultimodalReID", maps: jax.Array, present: jax.Array,
+                    modalities: tuple[int, ...], train: bool
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Each slot's pooled map projected to D on its own (`LateFusion`, scores fused at test)."""
+  del train
+  return LateFusion(model.embed_dim, dtype=model.dtype, name="late_fusion")(
+      maps, present, modalities), {}
+
+
 EMBEDDINGS: dict[str, Embedding] = {
     "fusion": Embedding(_fusion_embedding,
                         lambda m: 2 * m.embed_dim + m.num_stripes * m.part_dim),
     "gem": Embedding(_gem_embedding, lambda m: stage_channels(m.depth, m.width, 4)),
+    "concat": Embedding(_concat_embedding, lambda m: m.embed_dim),
+    "late": Embedding(_late_embedding, lambda m: m.embed_dim),
 }
 
 
@@ -90,7 +113,8 @@ class MultimodalReID(nn.Module):
     attention_reduction, attention_dim: cross-modal attention sizes.
     dtype: compute dtype (float32 or bfloat16); parameters are float32.
     attention: apply the cross-modal attention (False: the backbone maps go on as they are).
-    embedding: an `EMBEDDINGS` name, "fusion" (the paper) or "gem" (GeM pooling).
+    embedding: an `EMBEDDINGS` name: "fusion" (the paper), "gem" (GeM pooling), "concat"
+      (early concatenation) or "late" (late fusion).
     gem_p: the GeM exponent of `embedding="gem"`.
     non_local: non-local blocks per ResNet stage 1..4 (`resnet.ResNet.non_local`).
     classifier: a `heads.CLASSIFIERS` name, "cosine" (the paper) or "linear".
