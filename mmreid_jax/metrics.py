@@ -140,6 +140,33 @@ def _as_1d(x: ArrayLike, length: int, name: str) -> np.ndarray:
   return arr
 
 
+def _ranking_inputs(
+  distmat: ArrayLike,
+  query_pids: ArrayLike,
+  gallery_pids: ArrayLike,
+  query_camids: ArrayLike,
+  gallery_camids: ArrayLike,
+  protocol: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The checked arrays of a ranking: ``(Q, G)`` distances, then query pids and camids
+  ``(Q,)``, then gallery pids and camids ``(G,)``.
+
+  Raises:
+    ValueError: a distance matrix that is not 2-D, labels of another length, or an unknown
+    ``protocol``.
+  """
+  dist = np.asarray(distmat)
+  if dist.ndim != 2:
+    raise ValueError(f"distmat must be 2-D (Q, G), got shape {dist.shape}")
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol={protocol!r}; expected one of {PROTOCOLS}")
+  num_q, num_g = dist.shape
+  return (dist, _as_1d(query_pids, num_q, "query_pids"),
+          _as_1d(query_camids, num_q, "query_camids"),
+          _as_1d(gallery_pids, num_g, "gallery_pids"),
+          _as_1d(gallery_camids, num_g, "gallery_camids"))
+
+
 def _kept(
   matches: np.ndarray,
   query_camids: np.ndarray,
@@ -187,16 +214,9 @@ def ranked_gallery(
   Returns:
     ``(Q, top_k)`` int64 gallery indices, ``-1`` past the end of a short kept list.
   """
-  dist = np.asarray(distmat)
-  if dist.ndim != 2:
-    raise ValueError(f"distmat must be 2-D (Q, G), got shape {dist.shape}")
-  if protocol not in PROTOCOLS:
-    raise ValueError(f"protocol={protocol!r}; expected one of {PROTOCOLS}")
-  num_q, num_g = dist.shape
-  q_pids = _as_1d(query_pids, num_q, "query_pids")
-  q_cams = _as_1d(query_camids, num_q, "query_camids")
-  g_pids = _as_1d(gallery_pids, num_g, "gallery_pids")
-  g_cams = _as_1d(gallery_camids, num_g, "gallery_camids")
+  dist, q_pids, q_cams, g_pids, g_cams = _ranking_inputs(
+    distmat, query_pids, gallery_pids, query_camids, gallery_camids, protocol)
+  num_q = dist.shape[0]
   order = np.argsort(dist, axis=1, kind="stable")
   keep = _kept(g_pids[order] == q_pids[:, None], q_cams, g_cams[order], protocol)
   result = np.full((num_q, top_k), -1, np.int64)
@@ -317,18 +337,11 @@ def evaluate_ranking(
     ``protocol``, or when no query has a correct match in the (filtered)
     gallery.
   """
-  dist = np.asarray(distmat)
-  if dist.ndim != 2:
-    raise ValueError(f"distmat must be 2-D (Q, G), got shape {dist.shape}")
+  dist, q_pids, q_cams, g_pids, g_cams = _ranking_inputs(
+    distmat, query_pids, gallery_pids, query_camids, gallery_camids, protocol)
   num_q, num_g = dist.shape
-  q_pids = _as_1d(query_pids, num_q, "query_pids")
-  q_cams = _as_1d(query_camids, num_q, "query_camids")
-  g_pids = _as_1d(gallery_pids, num_g, "gallery_pids")
-  g_cams = _as_1d(gallery_camids, num_g, "gallery_camids")
   if max_rank < 1:
     raise ValueError(f"max_rank must be >= 1, got {max_rank}")
-  if protocol not in PROTOCOLS:
-    raise ValueError(f"protocol={protocol!r}; expected one of {PROTOCOLS}")
   pid_values, members = np.unique(g_pids, return_inverse=True)
   members = np.argsort(members, kind="stable")
   starts = np.searchsorted(g_pids[members], pid_values) if num_g else np.zeros(0, np.int64)
