@@ -23,7 +23,8 @@ after `--`, the same model code throughout):
 Each run trains in WORKDIR/<study>/<variant>/seed<k> (`config.seed = k`, seeds `--seed`,
 `--seed + 1`, ...) through `mmreid_jax.run.train_and_evaluate`, in this process: a rerun resumes
 an unfinished run from its newest checkpoint and reuses a finished one's report
-(WORKDIR/.../eval/<dataset>.json) without training again. Evaluation pictures (`config.eval.pictures`) are off unless `--pictures`.
+(WORKDIR/.../eval/<dataset>.json) without training again, as it reuses the finished run of
+another study's variant with the same overrides (the full model is a row of all three). Evaluation pictures (`config.eval.pictures`) are off unless `--pictures`.
 After every run the script rewrites WORKDIR/ablation_<study>.md and .json: one row per variant
 with Rank-1, mAP and mINP of the headline protocol (`--protocol`, default ir->rgb where it
 exists) and their mean over every protocol but "all" (the directions), as mean and standard
@@ -164,6 +165,16 @@ def finished_report(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   with open(path) as f:
     report = json.load(f)
   return report if report.get("step") == config.num_train_steps else None
+
+
+def same_runs(study: str, name: str, seed: int, root: str) -> list[str]:
+  """The workdirs under `root` of the other studies' variants with the same overrides as
+  `study`/`name` (the same run: the full model is a row of every study), for `seed`."""
+  overrides = dict(STUDIES[study][name].overrides)
+  return [os.path.join(root, other_study, other_name, f"seed{seed}")
+          for other_study, variants in STUDIES.items()
+          for other_name, variant in variants.items()
+          if (other_study, other_name) != (study, name) and dict(variant.overrides) == overrides]
 
 
 def directions(protocols: Sequence[str]) -> list[str]:
@@ -336,6 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       config = variant_config(base, variant, seed, args.pictures)
       workdir = os.path.join(args.workdir, args.study, name, f"seed{seed}")
       report = finished_report(config, workdir)
+      if report is None:
+        for other in same_runs(args.study, name, seed, args.workdir):
+          report = finished_report(config, other)
+          if report is not None:
+            workdir = other
+            break
       if report is not None:
         print(f"[{args.study}/{name}/seed{seed}] finished before: reusing "
               f"{os.path.join(workdir, 'eval', dataset_name(config) + '.json')}", flush=True)

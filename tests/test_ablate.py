@@ -262,12 +262,13 @@ def test_summary_and_markdown():
 # -------------------------------------------------------------------- the script, for real
 
 
-def run_ablate(workdir: Path, data_dir: str, cache_dir: str) -> subprocess.CompletedProcess:
+def run_ablate(workdir: Path, data_dir: str, cache_dir: str, study: str = "losses",
+               variants: str = "full,no_consistency") -> subprocess.CompletedProcess:
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_COMPILATION_CACHE_DIR": cache_dir,
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
   command = [sys.executable, str(ROOT / "scripts" / "ablate.py"), "--config",
-             "configs/synthetic.py:tiny", "--workdir", str(workdir), "--study", "losses",
-             "--variants", "full,no_consistency", "--seeds", "1", "--",
+             "configs/synthetic.py:tiny", "--workdir", str(workdir), "--study", study,
+             "--variants", variants, "--seeds", "1", "--",
              "--config.checkpoint_every_steps=6", f"--config.data.data_dir={data_dir}"]
   return subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=1200)
@@ -325,3 +326,19 @@ def test_ablate_reuses_finished_runs(ablation):
   assert result.stdout.count("finished before: reusing") == 2
   assert "training in" not in result.stdout
   assert (ablation.workdir / "ablation_losses.json").read_text() == before
+
+
+def test_ablate_reuses_the_same_run_of_another_study(ablation):
+  # The fusion study's "dynamic" row is the losses study's "full" row: the same overrides.
+  result = run_ablate(ablation.workdir, ablation.data_dir, ablation.cache_dir, study="fusion",
+                      variants="dynamic")
+  assert result.returncode == 0, result.stderr[-5000:]
+  assert "training in" not in result.stdout
+  full = ablation.workdir / "losses" / "full" / "seed0"
+  assert f"reusing {full / 'eval' / 'synthetic_mm.json'}" in result.stdout
+  fusion = json.loads((ablation.workdir / "ablation_fusion.json").read_text())
+  losses = json.loads((ablation.workdir / "ablation_losses.json").read_text())
+  assert [row["variant"] for row in fusion["rows"]] == ["dynamic"]
+  assert fusion["rows"][0]["workdirs"] == [str(full)]
+  assert fusion["rows"][0]["protocols"] == losses["rows"][0]["protocols"]
+  assert not (ablation.workdir / "fusion").exists()
