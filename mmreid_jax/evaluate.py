@@ -486,14 +486,17 @@ def rank_protocols(protocols: Sequence[Protocol], query: datasets.ImageSet,
     trials = []
     for g in protocol.gallery_trials:
       gallery_features = features[("gallery", protocol.gallery_modalities)][g]
-      distmat = measure(query_features, gallery_features)
-      if rerank is not None:
-        distmat = metrics.k_reciprocal_rerank(distmat, measure(query_features, query_features),
-                                              measure(gallery_features, gallery_features),
-                                              **rerank)
-      trials.append(metrics.evaluate_ranking(
-          distmat, query.pids[q], gallery.pids[g], query.camids[q], gallery.camids[g],
-          max_rank=max_rank, protocol=protocol.rule))
+      labels = (query.pids[q], gallery.pids[g], query.camids[q], gallery.camids[g])
+      if rerank is None:  # distances a chunk of queries at a time, in bounded memory
+        trials.append(metrics.evaluate_features(
+            query_features, gallery_features, *labels, distance=distance, max_rank=max_rank,
+            protocol=protocol.rule))
+        continue
+      distmat = metrics.k_reciprocal_rerank(
+          measure(query_features, gallery_features), measure(query_features, query_features),
+          measure(gallery_features, gallery_features), **rerank)
+      trials.append(metrics.evaluate_ranking(distmat, *labels, max_rank=max_rank,
+                                             protocol=protocol.rule))
     results[protocol.name] = trials
   return results
 

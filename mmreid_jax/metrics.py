@@ -12,6 +12,7 @@ Shapes: ``Q`` queries, ``G`` gallery entries, ``D`` embedding dimension.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ __all__ = [
   "RankingResult",
   "cosine_distance",
   "euclidean_distance",
+  "evaluate_features",
   "evaluate_rank",
   "evaluate_ranking",
   "k_reciprocal_rerank",
@@ -69,6 +71,21 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(norms, _NORM_EPS)
 
 
+def _cosine_of_normalized(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+  """``(Q, G)`` float32 ``1 - q.g`` of L2-normalised rows, clipped to ``[0, 2]``."""
+  return np.clip(1.0 - q @ g.T, 0.0, 2.0).astype(np.float32, copy=False)
+
+
+def _euclidean_of_rows(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+  """``(Q, G)`` float32 ``sqrt(max(|q|^2 + |g|^2 - 2 q.g, 0))``."""
+  sq = (
+    np.sum(q * q, axis=1)[:, None]
+    + np.sum(g * g, axis=1)[None, :]
+    - 2.0 * (q @ g.T)
+  )
+  return np.sqrt(np.maximum(sq, 0.0)).astype(np.float32, copy=False)
+
+
 def cosine_distance(query: ArrayLike, gallery: ArrayLike) -> np.ndarray:
   """Cosine distance ``1 - cos(q, g)`` between every query and gallery row.
 
@@ -81,8 +98,7 @@ def cosine_distance(query: ArrayLike, gallery: ArrayLike) -> np.ndarray:
     A zero feature row has similarity 0, hence distance 1, to everything.
   """
   q, g = _check_features(query, gallery)
-  sim = _l2_normalize(q) @ _l2_normalize(g).T
-  return np.clip(1.0 - sim, 0.0, 2.0).astype(np.float32, copy=False)
+  return _cosine_of_normalized(_l2_normalize(q), _l2_normalize(g))
 
 
 def euclidean_distance(query: ArrayLike, gallery: ArrayLike) -> np.ndarray:
@@ -99,12 +115,15 @@ def euclidean_distance(query: ArrayLike, gallery: ArrayLike) -> np.ndarray:
     ``(Q, G)`` float32 distances.
   """
   q, g = _check_features(query, gallery)
-  sq = (
-    np.sum(q * q, axis=1)[:, None]
-    + np.sum(g * g, axis=1)[None, :]
-    - 2.0 * (q @ g.T)
-  )
-  return np.sqrt(np.maximum(sq, 0.0)).astype(np.float32, copy=False)
+  return _euclidean_of_rows(q, g)
+
+
+# {name: (what is done once to each side's features, the distances of prepared rows)}.
+_PAIRWISE: dict[str, tuple[Callable[[np.ndarray], np.ndarray],
+                           Callable[[np.ndarray, np.ndarray], np.ndarray]]] = {
+  "cosine": (_l2_normalize, _cosine_of_normalized),
+  "euclidean": (lambda x: x, _euclidean_of_rows),
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,6 +159,28 @@ def _as_1d(x: ArrayLike, length: int, name: str) -> np.ndarray:
   return arr
 
 
+def _labels(
+  num_q: int,
+  num_g: int,
+  query_pids: ArrayLike,
+  gallery_pids: ArrayLike,
+  query_camids: ArrayLike,
+  gallery_camids: ArrayLike,
+  protocol: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The checked labels of a ranking: query pids and camids ``(Q,)``, then gallery pids and
+  camids ``(G,)``.
+
+  Raises:
+    ValueError: labels of another length, or an unknown ``protocol``.
+  """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol={protocol!r}; expected one of {PROTOCOLS}")
+  return (_as_1d(query_pids, num_q, "query_pids"), _as_1d(query_camids, num_q, "query_camids"),
+          _as_1d(gallery_pids, num_g, "gallery_pids"),
+          _as_1d(gallery_camids, num_g, "gallery_camids"))
+
+
 def _ranking_inputs(
   distmat: ArrayLike,
   query_pids: ArrayLike,
@@ -148,8 +189,7 @@ def _ranking_inputs(
   gallery_camids: ArrayLike,
   protocol: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """The checked arrays of a ranking: ``(Q, G)`` distances, then query pids and camids
-  ``(Q,)``, then gallery pids and camids ``(G,)``.
+  """The checked arrays of a ranking: ``(Q, G)`` distances, then the ``_labels``.
 
   Raises:
     ValueError: a distance matrix that is not 2-D, labels of another length, or an unknown
@@ -158,13 +198,8 @@ def _ranking_inputs(
   dist = np.asarray(distmat)
   if dist.ndim != 2:
     raise ValueError(f"distmat must be 2-D (Q, G), got shape {dist.shape}")
-  if protocol not in PROTOCOLS:
-    raise ValueError(f"protocol={protocol!r}; expected one of {PROTOCOLS}")
-  num_q, num_g = dist.shape
-  return (dist, _as_1d(query_pids, num_q, "query_pids"),
-          _as_1d(query_camids, num_q, "query_camids"),
-          _as_1d(gallery_pids, num_g, "gallery_pids"),
-          _as_1d(gallery_camids, num_g, "gallery_camids"))
+  return (dist, *_labels(*dist.shape, query_pids, gallery_pids, query_camids, gallery_camids,
+                         protocol))
 
 
 def _kept(
@@ -237,8 +272,16 @@ def _rank_chunk(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Per-query statistics for one chunk of ``C`` queries.
 
+  A query's ranking is its kept gallery entries ordered by (distance, gallery index), as a
+  stable argsort gives it; an entry's 1-based position in it is one plus the number of kept
+  entries before it. Each row's kept distances are sorted (values only, the removed entries
+  moved past the end as +inf) and each correct match's position is found by binary search in
+  them; equal distances, rare with real features, are then ordered by gallery index. This gives
+  the argsort's numbers without argsorting every row (``np.sort`` of values is several times
+  faster than a stable argsort, and only the correct matches are looked up).
+
   Args:
-    distmat: ``(C, G)`` distances.
+    distmat: ``(C, G)`` distances, without NaN.
     query_pids, query_camids: ``(C,)``.
     gallery_pids, gallery_camids: ``(G,)``.
     protocol: one of ``PROTOCOLS``.
@@ -253,93 +296,65 @@ def _rank_chunk(
     last correct match (0 where there is none), ``ap (C,)`` float64 average precision (0 where
     there is no correct match).
   """
-  num_g = distmat.shape[1]
-  order = np.argsort(distmat, axis=1, kind="stable")
-  matches = gallery_pids[order] == query_pids[:, None]
-  keep = _kept(matches, query_camids, gallery_camids[order], protocol)
+  num_rows = distmat.shape[0]
+  matches = gallery_pids[None, :] == query_pids[:, None]
+  keep = _kept(matches, query_camids, gallery_camids[None, :], protocol)
   rel = matches & keep
-  # Position of each entry in the kept list, without compacting rows of unequal length.
-  position = np.cumsum(keep, axis=1, dtype=np.int64)
-
   num_rel = rel.sum(axis=1, dtype=np.int64)
-  hits_so_far = np.cumsum(rel, axis=1, dtype=np.int64)
-  precision_at_hits = np.where(rel, hits_so_far / np.maximum(position, 1), 0.0)
-  ap = precision_at_hits.sum(axis=1) / np.maximum(num_rel, 1)
+  kept_distances = np.where(keep, distmat, np.inf)
+  sorted_distances = np.sort(kept_distances, axis=1)
 
-  big = np.iinfo(np.int64).max
-  first_hit = np.where(rel, position, big).min(axis=1, initial=big)
-  first_hit = np.where(num_rel > 0, first_hit, 0)
-  last_hit = np.where(rel, position, 0).max(axis=1, initial=0)
+  first_hit = np.zeros(num_rows, np.int64)
+  last_hit = np.zeros(num_rows, np.int64)
+  ap = np.zeros(num_rows, np.float64)
+  for row in np.flatnonzero(num_rel):
+    hits = np.flatnonzero(rel[row])
+    hit_distances = distmat[row, hits]
+    by_rank = np.argsort(hit_distances, kind="stable")  # hits ascend: ties by gallery index
+    hits, hit_distances = hits[by_rank], hit_distances[by_rank]
+    before = np.searchsorted(sorted_distances[row], hit_distances, side="left")
+    equal = np.searchsorted(sorted_distances[row], hit_distances, side="right") - before
+    for j in np.flatnonzero(equal > 1):  # kept entries at the same distance, lower index first
+      lower = slice(0, hits[j])
+      before[j] += np.count_nonzero(keep[row, lower] & (distmat[row, lower] == hit_distances[j]))
+    position = before + 1
+    ap[row] = np.mean(np.arange(1, len(hits) + 1) / position)
+    first_hit[row] = position[0]
+    last_hit[row] = position[-1]
   if protocol != "sysu" or not num_rel.any():
     return num_rel, first_hit, last_hit, ap
 
   # Identity-level CMC: rank of the query's identity among the distinct identities of the kept
-  # list, ordered by first occurrence. earliest[c, u] is the ranking position of identity u's
-  # first kept entry (num_g if it has none); the query's identity ranks after every identity
-  # that occurs earlier, so its rank is the number of identities with earliest <= its own.
+  # list, ordered by first occurrence: one plus the identities whose nearest kept entry comes
+  # before the query identity's nearest (a smaller distance, or the same at a lower index).
   pid_values, members, starts = pid_groups
-  rows = np.arange(order.shape[0])[:, None]
-  ranking_position = np.empty_like(order)
-  ranking_position[rows, order] = np.arange(num_g)
-  kept_in_gallery_order = np.empty_like(keep)
-  kept_in_gallery_order[rows, order] = keep
-  earliest_position = np.where(kept_in_gallery_order, ranking_position, num_g)[:, members]
-  earliest = np.minimum.reduceat(earliest_position, starts, axis=1)
+  nearest = np.minimum.reduceat(kept_distances[:, members], starts, axis=1)  # (C, U)
   query_group = np.minimum(np.searchsorted(pid_values, query_pids), len(pid_values) - 1)
-  own = earliest[np.arange(order.shape[0]), query_group]
-  identity_rank = (earliest <= own[:, None]).sum(axis=1)
+  own = nearest[np.arange(num_rows), query_group]
+  identity_rank = (nearest < own[:, None]).sum(axis=1) + 1
+  group_of = np.empty(len(members), np.int64)
+  group_of[members] = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(members))))
+  tied = (nearest == own[:, None]).sum(axis=1) > 1
+  for row in np.flatnonzero(tied & (num_rel > 0)):
+    at_own = np.flatnonzero(keep[row] & (distmat[row] == own[row]))  # ascending gallery index
+    own_first = at_own[group_of[at_own] == query_group[row]][0]
+    earlier = group_of[at_own[at_own < own_first]]
+    identity_rank[row] += len(np.unique(earlier[nearest[row, earlier] == own[row]]))
   return num_rel, np.where(num_rel > 0, identity_rank, 0), last_hit, ap
 
 
-def evaluate_ranking(
-  distmat: ArrayLike,
-  query_pids: ArrayLike,
-  gallery_pids: ArrayLike,
-  query_camids: ArrayLike,
-  gallery_camids: ArrayLike,
-  max_rank: int = 20,
-  protocol: str = "market",
+def _evaluate_chunks(
+  distances: Callable[[int, int], np.ndarray],
+  q_pids: np.ndarray,
+  q_cams: np.ndarray,
+  g_pids: np.ndarray,
+  g_cams: np.ndarray,
+  max_rank: int,
+  protocol: str,
 ) -> RankingResult:
-  """CMC, mAP and mINP of a query-gallery distance matrix.
-
-  Follows Torchreid's ``eval_market1501`` and the official evaluation code of
-  RegDB and SYSU-MM01 (``eval_regdb`` / ``eval_sysu``): each query ranks the
-  gallery by ``np.argsort(distmat, kind="stable")`` (ties keep the lower
-  gallery index first); the gallery entries that ``protocol`` ignores for that
-  query are removed (see ``PROTOCOLS``); queries left with no correct match are
-  skipped. For a valid query, over its filtered list with relevance ``rel_k``:
-  ``CMC@k = [a correct match within the top k]`` (under "sysu": within the
-  first k distinct identities of the list),
-  ``AP = sum_k precision@k * rel_k / num_rel`` and
-  ``INP = num_rel / (1-based position of the last correct match)``.
-  All three are averaged over the valid queries.
-
-  Unlike Torchreid and the RegDB / SYSU-MM01 code, which assert, truncate
-  ``max_rank`` or fail on ragged arrays when fewer than ``max_rank`` gallery
-  entries (identities, under "sysu") are available, the CMC curve of such a
-  query is padded with its last value (1, since the query has a correct
-  match); ``cmc`` always has ``max_rank`` entries.
-
-  Args:
-    distmat: ``(Q, G)`` distances, smaller is more similar.
-    query_pids: ``(Q,)`` query identities.
-    gallery_pids: ``(G,)`` gallery identities.
-    query_camids: ``(Q,)`` query camera ids.
-    gallery_camids: ``(G,)`` gallery camera ids.
-    max_rank: length of the returned CMC curve.
-    protocol: "market", "regdb" or "sysu" (``PROTOCOLS``).
-
-  Returns:
-    A ``RankingResult`` with ``cmc`` of shape ``(max_rank,)``.
-
-  Raises:
-    ValueError: on inconsistent shapes, ``max_rank < 1``, an unknown
-    ``protocol``, or when no query has a correct match in the (filtered)
-    gallery.
-  """
-  dist, q_pids, q_cams, g_pids, g_cams = _ranking_inputs(
-    distmat, query_pids, gallery_pids, query_camids, gallery_camids, protocol)
-  num_q, num_g = dist.shape
+  """``evaluate_ranking`` of the distances ``distances(start, stop)`` gives for the queries
+  ``start:stop`` (``(stop - start, G)``), a bounded chunk of rows at a time."""
+  num_q, num_g = len(q_pids), len(g_pids)
   if max_rank < 1:
     raise ValueError(f"max_rank must be >= 1, got {max_rank}")
   pid_values, members = np.unique(g_pids, return_inverse=True)
@@ -354,8 +369,14 @@ def evaluate_ranking(
   rows = max(1, min(_MAX_CHUNK_ROWS, _CHUNK_ELEMENTS // max(num_g, 1)))
   for start in range(0, num_q, rows):
     stop = min(start + rows, num_q)
+    chunk = distances(start, stop)
+    if np.isnan(chunk).any():
+      bad = start + np.flatnonzero(np.isnan(chunk).any(axis=1))
+      raise ValueError(f"distances of {len(bad)} queries hold NaN (query rows "
+                       f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}); "
+                       "expected finite or infinite distances")
     num_rel, first_hit, last_hit, ap = _rank_chunk(
-      dist[start:stop],
+      chunk,
       q_pids[start:stop],
       q_cams[start:stop],
       g_pids,
@@ -390,6 +411,93 @@ def evaluate_ranking(
     mINP=inp_sum / num_valid,
     num_valid_queries=num_valid,
   )
+
+
+def evaluate_ranking(
+  distmat: ArrayLike,
+  query_pids: ArrayLike,
+  gallery_pids: ArrayLike,
+  query_camids: ArrayLike,
+  gallery_camids: ArrayLike,
+  max_rank: int = 20,
+  protocol: str = "market",
+) -> RankingResult:
+  """CMC, mAP and mINP of a query-gallery distance matrix.
+
+  Follows Torchreid's ``eval_market1501`` and the official evaluation code of
+  RegDB and SYSU-MM01 (``eval_regdb`` / ``eval_sysu``): each query ranks the
+  gallery by ``np.argsort(distmat, kind="stable")`` (ties keep the lower
+  gallery index first); the gallery entries that ``protocol`` ignores for that
+  query are removed (see ``PROTOCOLS``); queries left with no correct match are
+  skipped. For a valid query, over its filtered list with relevance ``rel_k``:
+  ``CMC@k = [a correct match within the top k]`` (under "sysu": within the
+  first k distinct identities of the list),
+  ``AP = sum_k precision@k * rel_k / num_rel`` and
+  ``INP = num_rel / (1-based position of the last correct match)``.
+  All three are averaged over the valid queries.
+
+  Unlike Torchreid and the RegDB / SYSU-MM01 code, which assert, truncate
+  ``max_rank`` or fail on ragged arrays when fewer than ``max_rank`` gallery
+  entries (identities, under "sysu") are available, the CMC curve of such a
+  query is padded with its last value (1, since the query has a correct
+  match); ``cmc`` always has ``max_rank`` entries.
+
+  Args:
+    distmat: ``(Q, G)`` distances, smaller is more similar (no NaN).
+    query_pids: ``(Q,)`` query identities.
+    gallery_pids: ``(G,)`` gallery identities.
+    query_camids: ``(Q,)`` query camera ids.
+    gallery_camids: ``(G,)`` gallery camera ids.
+    max_rank: length of the returned CMC curve.
+    protocol: "market", "regdb" or "sysu" (``PROTOCOLS``).
+
+  Returns:
+    A ``RankingResult`` with ``cmc`` of shape ``(max_rank,)``.
+
+  Raises:
+    ValueError: on inconsistent shapes, ``max_rank < 1``, an unknown
+    ``protocol``, NaN distances, or when no query has a correct match in the
+    (filtered) gallery.
+  """
+  dist, q_pids, q_cams, g_pids, g_cams = _ranking_inputs(
+    distmat, query_pids, gallery_pids, query_camids, gallery_camids, protocol)
+  return _evaluate_chunks(lambda start, stop: dist[start:stop], q_pids, q_cams, g_pids, g_cams,
+                          max_rank, protocol)
+
+
+def evaluate_features(
+  query_features: ArrayLike,
+  gallery_features: ArrayLike,
+  query_pids: ArrayLike,
+  gallery_pids: ArrayLike,
+  query_camids: ArrayLike,
+  gallery_camids: ArrayLike,
+  distance: str = "cosine",
+  max_rank: int = 20,
+  protocol: str = "market",
+) -> RankingResult:
+  """``evaluate_ranking`` of the ``distance`` between features, in bounded memory: the distances
+  of a chunk of queries at a time (about ``_CHUNK_ELEMENTS`` of them), never the whole ``(Q, G)``
+  matrix; the same numbers as ``evaluate_ranking(cosine_distance(q, g), ...)``.
+
+  Args:
+    query_features: ``(Q, D)``.
+    gallery_features: ``(G, D)``.
+    query_pids, query_camids: ``(Q,)``.
+    gallery_pids, gallery_camids: ``(G,)``.
+    distance: "cosine" (``cosine_distance``) or "euclidean" (``euclidean_distance``).
+    max_rank: length of the CMC curve.
+    protocol: one of ``PROTOCOLS``.
+  """
+  if distance not in _PAIRWISE:
+    raise ValueError(f"distance={distance!r}; expected one of {sorted(_PAIRWISE)}")
+  q, g = _check_features(query_features, gallery_features)
+  prepare, pairwise = _PAIRWISE[distance]
+  q, g = prepare(q), prepare(g)
+  q_pids, q_cams, g_pids, g_cams = _labels(len(q), len(g), query_pids, gallery_pids,
+                                           query_camids, gallery_camids, protocol)
+  return _evaluate_chunks(lambda start, stop: pairwise(q[start:stop], g), q_pids, q_cams,
+                          g_pids, g_cams, max_rank, protocol)
 
 
 def evaluate_rank(

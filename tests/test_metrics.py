@@ -377,3 +377,67 @@ def test_distance_dimension_mismatch_raises():
     cosine_distance(np.zeros((2, 3)), np.zeros((2, 4)))
   with pytest.raises(ValueError, match="2-D"):
     euclidean_distance(np.zeros(3), np.zeros((2, 3)))
+
+
+# ---------------------------------------------------------------- features, bounded memory
+
+
+@pytest.mark.parametrize("protocol", metrics.PROTOCOLS)
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_evaluate_features_equals_the_dense_matrix(protocol, distance):
+  rng = np.random.default_rng(31)
+  query, gallery = rng.normal(size=(70, 16)), rng.normal(size=(300, 16))
+  gallery[5] = gallery[9] = query[3]  # exact ties
+  q_pids, g_pids = rng.integers(0, 12, 70), rng.integers(0, 10, 300)
+  q_cams, g_cams = rng.integers(1, 7, 70), rng.integers(1, 7, 300)
+  dense = {"cosine": cosine_distance, "euclidean": euclidean_distance}[distance](query, gallery)
+  expected = evaluate_ranking(dense, q_pids, g_pids, q_cams, g_cams, protocol=protocol)
+  result = metrics.evaluate_features(query, gallery, q_pids, g_pids, q_cams, g_cams,
+                                     distance=distance, protocol=protocol)
+  np.testing.assert_array_equal(result.cmc, expected.cmc)
+  assert (result.mAP, result.mINP, result.num_valid_queries) == (
+      expected.mAP, expected.mINP, expected.num_valid_queries)
+
+
+def test_evaluate_features_memory_is_bounded():
+  import tracemalloc
+
+  def peak_bytes(num_q: int, num_g: int) -> int:
+    rng = np.random.default_rng(32)
+    query = rng.normal(size=(num_q, 8)).astype(np.float32)
+    gallery = rng.normal(size=(num_g, 8)).astype(np.float32)
+    q_pids, g_pids = rng.integers(0, 500, num_q), rng.integers(0, 500, num_g)
+    tracemalloc.start()
+    try:
+      metrics.evaluate_features(query, gallery, q_pids, g_pids, np.zeros(num_q), np.ones(num_g))
+      return tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+
+  small, large = peak_bytes(300, 40_000), peak_bytes(2400, 40_000)
+  assert large < 1.1 * small  # chunks of queries: the peak does not grow with Q
+  assert large < 2400 * 40_000 * 4 / 4  # a quarter of the dense float32 matrix
+
+
+def test_infinite_distances_rank_after_the_finite_ones():
+  # Gallery 0 is removed (same identity and camera: +inf inside the ranking); the kept infinite
+  # entries 1 and 3 follow the finite ones, lower index first.
+  distmat = np.array([[0.5, np.inf, 0.2, np.inf, 0.9]])
+  g_pids, g_cams = np.array([7, 1, 2, 7, 3]), np.array([0, 1, 1, 1, 1])
+  result = evaluate_ranking(distmat, np.array([7]), g_pids, np.array([0]), g_cams, max_rank=5)
+  # Kept ranking: 2 (0.2), 4 (0.9), 1 (inf), 3 (inf): the one correct match at position 4.
+  np.testing.assert_array_equal(result.cmc, [0, 0, 0, 1, 1])
+  assert result.mAP == pytest.approx(1 / 4) and result.mINP == pytest.approx(1 / 4)
+
+
+def test_nan_distances_are_refused_with_the_query_rows():
+  distmat = np.zeros((4, 3))
+  distmat[2, 1] = np.nan
+  with pytest.raises(ValueError, match=r"NaN \(query rows 2\)"):
+    evaluate_ranking(distmat, np.zeros(4), np.zeros(3), np.zeros(4), np.ones(3))
+
+
+def test_evaluate_features_unknown_distance():
+  with pytest.raises(ValueError, match="distance='hamming'"):
+    metrics.evaluate_features(np.ones((2, 3)), np.ones((2, 3)), [0, 1], [0, 1], [0, 0], [1, 1],
+                              distance="hamming")
