@@ -219,7 +219,17 @@ class FeatureExtractor:
     self.variables = variables
     self.batch_size = batch_size
     self.sharding = sharding
+    # Outputs replicated on the mesh: with several processes it spans devices a process cannot
+    # read, and every process needs every embedding.
+    self._out_sharding = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+                          if isinstance(sharding, jax.sharding.NamedSharding) else None)
     self._fns: dict[Any, Callable] = {}
+
+  def _place(self, x: np.ndarray) -> np.ndarray | jax.Array:
+    """`x` (the same on every process) sharded by `sharding`; unchanged without one."""
+    if self.sharding is None:
+      return x
+    return jax.make_array_from_callback(x.shape, self.sharding, lambda index: x[index])
 
   def _embed_fn(self, modality: int) -> Callable:
     if modality not in self._fns:
@@ -230,7 +240,7 @@ class FeatureExtractor:
         modal_weights = outputs.get("modal_weights")  # None without the attention
         return (outputs["embeddings"][:, 0].astype(jnp.float32),
                 None if modal_weights is None else modal_weights[:, 0])
-      self._fns[modality] = jax.jit(embed)
+      self._fns[modality] = jax.jit(embed, out_shardings=self._out_sharding)
     return self._fns[modality]
 
   def __call__(self, image_set: datasets.ImageSet, height: int, width: int,
@@ -253,8 +263,7 @@ class FeatureExtractor:
     fn = self._embed_fn(modality)
     outputs = []
     for images, count in eval_batches(subset, height, width, self.batch_size, flip=flip):
-      images = jax.device_put(images, self.sharding) if self.sharding is not None else images
-      embeddings, _ = fn(self.variables, images)
+      embeddings, _ = fn(self.variables, self._place(images))
       outputs.append(np.asarray(embeddings)[:count])
     return np.concatenate(outputs)
 
@@ -265,7 +274,7 @@ class FeatureExtractor:
         outputs = self.model.apply(variables, images, present, tuple(range(num_modalities)),
                                    train=False)
         return outputs["embeddings"].astype(jnp.float32)
-      self._fns[key] = jax.jit(embed)
+      self._fns[key] = jax.jit(embed, out_shardings=self._out_sharding)
     return self._fns[key]
 
   def captures(self, image_set: datasets.ImageSet, settings: Sequence[tuple[int, ...]],
@@ -298,16 +307,13 @@ class FeatureExtractor:
         batch_available[:real] = available[done:done + real]
         done += real
         images = images * batch_available[..., None, None, None].astype(images.dtype)
-        if self.sharding is not None:
-          images = jax.device_put(images, self.sharding)
+        images = self._place(images)
         for setting, mask in masks.items():
           present = batch_available & mask
           # Rows with nothing present (batch padding) run with the setting's slots present on
           # zero images, so that no row of the batch is empty; their outputs are discarded.
           present = np.where(present.any(axis=1, keepdims=True), present, mask)
-          if self.sharding is not None:
-            present = jax.device_put(present, self.sharding)
-          embedded = fn(self.variables, images, present)
+          embedded = fn(self.variables, images, self._place(present))
           outputs[setting].append(np.asarray(embedded)[:real])
       for setting in settings:
         sums[setting].append(np.concatenate(outputs[setting]))
@@ -325,7 +331,7 @@ class FeatureExtractor:
         outputs = self.model.apply(variables, images, present, tuple(range(num_modalities)),
                                    train=False)
         return outputs["modal_weights"].astype(jnp.float32)
-      self._fns[key] = jax.jit(weights)
+      self._fns[key] = jax.jit(weights, out_shardings=self._out_sharding)
     return self._fns[key]
 
   def modal_weights(self, image_set: datasets.ImageSet, table: np.ndarray, height: int,
@@ -357,10 +363,8 @@ class FeatureExtractor:
       present[:real] = available[done:done + real]
       done += real
       images = images * present[..., None, None, None].astype(images.dtype)
-      if self.sharding is not None:
-        images, present = (jax.device_put(images, self.sharding),
-                           jax.device_put(present, self.sharding))
-      outputs.append(np.asarray(fn(self.variables, images, present))[:real])
+      outputs.append(np.asarray(fn(self.variables, self._place(images),
+                                   self._place(present)))[:real])
     if not outputs:
       return np.zeros((0, num_modalities), np.float32)
     return np.concatenate(outputs)

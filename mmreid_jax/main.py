@@ -5,6 +5,16 @@ r"""Command line: train and evaluate, or evaluate a checkpoint.
   python -m mmreid_jax.main --config configs/synthetic.py:tiny --workdir /tmp/r \
       --config.num_train_steps=10
 
+Several processes (hosts), each with its local devices, run the same command with the address
+of process 0 and their own id; each feeds its share of every global batch:
+
+  python -m mmreid_jax.main --config configs/sysu_mm01.py --workdir /shared/run \
+      --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0   # on host 0
+  ... --process_id=1                                                         # on host 1
+
+(`--distributed` instead lets JAX find them on SLURM, Open MPI or a TPU pod.) The workdir must
+be one folder every process sees.
+
 `--mode=train` (default) trains to `config.num_train_steps` (resuming from the newest checkpoint
 in WORKDIR/checkpoints) and evaluates at the end; `--mode=evaluate` evaluates the newest
 checkpoint, or `--step=N`. SIGTERM or SIGINT during training writes a checkpoint and exits with
@@ -29,6 +39,13 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:p
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (then evaluate) or evaluate.")
 flags.DEFINE_integer("step", None, "--mode=evaluate: the checkpoint step (default: newest).")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-process runs: host:port of process 0 (jax.distributed.initialize).")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's id, 0 first.")
+flags.DEFINE_bool("distributed", False,
+                  "Multi-process runs on a cluster JAX detects (SLURM, Open MPI, TPU pods): "
+                  "jax.distributed.initialize() without arguments.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -92,6 +109,37 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"FATAL Flags parsing error: {message or error}")
 
 
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None, auto: bool) -> None:
+  """Joins the processes of a multi-process run (before anything else touches JAX's devices).
+
+  With a coordinator address, the process count and id are required; with `auto`, JAX's
+  cluster detection supplies all three. CPU devices exchange data through gloo (the
+  collectives of multi-process CPU runs, as the tests use on localhost).
+
+  Raises:
+    ConfigError: a coordinator address without the count or id, or an id out of range.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from mmreid_jax import faults  # pylint: disable=import-outside-toplevel
+
+  if coordinator_address is None and not auto:
+    if num_processes is not None or process_id is not None:
+      raise faults.ConfigError("--num_processes and --process_id need --coordinator_address "
+                               "(host:port of process 0).")
+    return
+  if coordinator_address is not None:
+    if num_processes is None or process_id is None:
+      raise faults.ConfigError(f"--coordinator_address={coordinator_address} needs "
+                               "--num_processes and --process_id.")
+    if not 0 <= process_id < num_processes:
+      raise faults.ConfigError(f"--process_id={process_id}; expected 0 to {num_processes - 1} "
+                               f"for --num_processes={num_processes}.")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -103,6 +151,11 @@ def main(argv: list[str]) -> None:
 
   from mmreid_jax import faults, run
 
+  try:
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           FLAGS.distributed)
+  except faults.RunError as error:
+    sys.exit(f"error: {error}")
   logging.info("JAX process %d / %d, %d local devices, %d in all.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:

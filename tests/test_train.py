@@ -440,16 +440,19 @@ def test_full_size_model_one_training_step(tfds_data_dir: str, tmp_path: Path):
 
 
 def test_bfloat16_step_matches_float32(tiny: SimpleNamespace, second_step, tmp_path: Path):
-  """Compute in bfloat16: the loss is within 5% of float32's, parameters stay float32."""
+  """Compute in bfloat16: the loss is within 2% of float32's, parameters stay float32."""
   config = load_config("tiny", tiny.config.data.data_dir, dtype="bfloat16")
   trainer = train.Trainer(config, str(tmp_path))
   assert trainer.model.dtype == jnp.bfloat16
   state, metrics = step(trainer, tiny.after_one, tiny.batches[1])
   reference = second_step[1]["loss/total"]
   assert np.isfinite(metrics["loss/total"])
-  assert abs(metrics["loss/total"] - reference) < 0.05 * abs(reference), (
+  assert abs(metrics["loss/total"] - reference) < 0.02 * abs(reference), (
       metrics["loss/total"], reference)
   assert metrics["loss/total"] != reference  # bfloat16 really ran
   for tree in (state.params, state.batch_stats, state.disc_params):
     assert {leaf.dtype for leaf in jax.tree.leaves(tree)} == {np.dtype(np.float32)}
+  for tree in (state.opt_state, state.disc_opt_state):  # optimizer moments, not their counters
+    assert {leaf.dtype for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)} == {np.dtype(np.float32)}
   assert tree_changed(state.params, tiny.after_one.params)
