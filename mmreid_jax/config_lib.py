@@ -12,6 +12,7 @@ the same model code with AGW's switches, losses, sampling and schedule.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 import os
 import types
 
@@ -183,3 +184,31 @@ def caj_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.augment.erasing_prob = 0.5
   config.augment.erasing_fill = CAJ_ERASING_FILL
   return config
+
+
+def load_config_with_overrides(config_arg: str, overrides: Sequence[str]
+                               ) -> ml_collections.ConfigDict:
+  """The `--config` file's config with `--config.KEY=VALUE` overrides, as the command line of
+  `mmreid_jax.main` parses them (typed; an unknown key is refused by name)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  from mmreid_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+
+  for arg in overrides:
+    if not arg.startswith(("--config.", "--noconfig.")):
+      raise ValueError(f"{arg!r}: only --config.KEY=VALUE overrides are accepted here.")
+  argv = ["config", f"--config={config_arg}", *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=flag_values,
+                                  lock_config=False, sys_argv=argv)
+  try:
+    flag_values(argv)
+  except (AttributeError, KeyError, flags.Error) as error:
+    message = None
+    try:
+      message = main_lib.unknown_override(argv)
+    except (OSError, ValueError, AttributeError, KeyError):
+      pass
+    raise ValueError(message or str(error)) from error
+  return flag_values.config

@@ -73,7 +73,9 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
 
 def _cosine_of_normalized(q: np.ndarray, g: np.ndarray) -> np.ndarray:
   """``(Q, G)`` float32 ``1 - q.g`` of L2-normalised rows, clipped to ``[0, 2]``."""
-  return np.clip(1.0 - q @ g.T, 0.0, 2.0).astype(np.float32, copy=False)
+  distances = (q @ g.T).astype(np.float32, copy=False)
+  np.subtract(1.0, distances, out=distances)
+  return np.clip(distances, 0.0, 2.0, out=distances)
 
 
 def _euclidean_of_rows(q: np.ndarray, g: np.ndarray) -> np.ndarray:

@@ -49,6 +49,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mmreid_jax import config_lib  # noqa: E402
+
 RATES = ("rank1", "mAP", "mINP")
 RATE_NAMES = {"rank1": "Rank-1", "mAP": "mAP", "mINP": "mINP"}
 
@@ -123,33 +125,6 @@ def variant_config(base: ml_collections.ConfigDict, variant: Variant, seed: int,
   set_key(config, "seed", seed)
   set_key(config, "eval.pictures", pictures)
   return config
-
-
-def load_base_config(config_arg: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-  """The `--config` file's config with `--config.KEY=VALUE` overrides, as the command line of
-  `mmreid_jax.main` parses them (typed; an unknown key is refused by name)."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
-  from mmreid_jax import main as main_lib  # pylint: disable=import-outside-toplevel
-
-  for arg in overrides:
-    if not arg.startswith(("--config.", "--noconfig.")):
-      raise SystemExit(f"error: {arg!r} after '--': only --config.KEY=VALUE overrides go there.")
-  argv = ["ablate", f"--config={config_arg}", *overrides]
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=flag_values,
-                                  lock_config=False, sys_argv=argv)
-  try:
-    flag_values(argv)
-  except (AttributeError, KeyError, flags.Error) as error:
-    message = None
-    try:
-      message = main_lib.unknown_override(argv)
-    except (OSError, ValueError, AttributeError, KeyError):
-      pass
-    raise SystemExit(f"error: {message or error}") from error
-  return flag_values.config
 
 
 def dataset_name(config: ml_collections.ConfigDict) -> str:
@@ -327,7 +302,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args, overrides = parse_args(argv)
-  base = load_base_config(args.config, overrides)
+  try:
+    base = config_lib.load_config_with_overrides(args.config, overrides)
+  except ValueError as error:
+    raise SystemExit(f"error: {error}") from error
 
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 

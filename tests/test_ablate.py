@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmreid_jax import evaluate, train
+from mmreid_jax import config_lib, evaluate, train
 from mmreid_jax.models.fusion import EarlyConcatFusion, LateFusion
 from mmreid_jax.models.reid import EMBEDDINGS, MultimodalReID
 
@@ -224,11 +224,13 @@ def test_command_line_and_overrides(tmp_path: Path):
     ablate.parse_args(["--config", "c.py", "--workdir", "w", "--study", "losses", "--variants",
                        "no_dropout"])
   config_arg = f"{ROOT / 'configs' / 'synthetic.py'}:tiny"
-  config = ablate.load_base_config(config_arg, ["--config.num_train_steps=2",
-                                                "--config.loss.triplet=0.25"])
+  config = config_lib.load_config_with_overrides(
+      config_arg, ["--config.num_train_steps=2", "--config.loss.triplet=0.25"])
   assert config.num_train_steps == 2 and config.loss.triplet == 0.25
-  with pytest.raises(SystemExit, match="tripplet"):
-    ablate.load_base_config(config_arg, ["--config.loss.tripplet=1"])
+  with pytest.raises(ValueError, match="tripplet"):
+    config_lib.load_config_with_overrides(config_arg, ["--config.loss.tripplet=1"])
+  with pytest.raises(ValueError, match="only --config.KEY=VALUE"):
+    config_lib.load_config_with_overrides(config_arg, ["--steps=2"])
 
 
 def fake_report(seed: int) -> dict:
