@@ -18,7 +18,7 @@ import pytest
 
 from mmreid_jax.models.attention import CrossModalAttention
 from mmreid_jax.models.fusion import MultimodalFusion
-from mmreid_jax.models.layers import MaskedBatchNorm, horizontal_stripes
+from mmreid_jax.models.layers import DotConv, MaskedBatchNorm, horizontal_stripes
 from mmreid_jax.models.reid import MultimodalReID
 from mmreid_jax.models.resnet import ResNet
 
@@ -402,6 +402,58 @@ def test_resnet_split_equals_full(k: int, train: bool):
   if train:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  full_stats, {**head_stats, **tail_stats})
+
+
+@pytest.mark.parametrize("kernel, strides, padding", [
+    ((1, 1), 1, ((0, 0), (0, 0))), ((1, 1), 2, ((0, 0), (0, 0))),
+    ((3, 3), 1, ((1, 1), (1, 1))), ((3, 3), 2, ((1, 1), (1, 1))), ((7, 7), 2, ((3, 3), (3, 3)))])
+def test_dot_conv_matches_numpy_convolution(kernel, strides, padding):
+  """DotConv against a convolution written out in NumPy (cross-correlation, zero padding)."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, 9, 7, 5)).astype(np.float32)
+  w = rng.standard_normal((*kernel, 5, 4)).astype(np.float32)
+  out = DotConv(4, kernel, strides, padding).apply({"params": {"kernel": w}}, x)
+  padded = np.pad(x, ((0, 0), *padding, (0, 0)))
+  kh, kw = kernel
+  height = (padded.shape[1] - kh) // strides + 1
+  width = (padded.shape[2] - kw) // strides + 1
+  expected = np.zeros((2, height, width, 4))
+  for i in range(height):
+    for j in range(width):
+      window = padded[:, i * strides:i * strides + kh, j * strides:j * strides + kw, :]
+      expected[:, i, j] = np.einsum("bhwc,hwcd->bd", window, w)
+  assert out.shape == expected.shape
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_1x1_as_dot_equals_conv(depth: int):
+  """conv_1x1="dot" has the same parameters as "conv" and computes the same network (forward
+  and gradients), training mode, with a downsampling block."""
+  rng = np.random.default_rng(4)
+  # Enough values per channel in stage 4's batch statistics (4 x 4 x 2) that BatchNorm does not
+  # blow rounding differences up.
+  x = jnp.asarray(rng.standard_normal((4, 64, 32, 3)), jnp.float32)
+  conv, dot = (ResNet(depth=depth, width=8, conv_1x1=kind) for kind in ("conv", "dot"))
+  variables = numpy_init(conv, rng, x)
+  assert (jax.tree.map(jnp.shape, dot.init(jax.random.key(0), x))
+          == jax.tree.map(jnp.shape, variables))
+
+  def loss(model, params):
+    y, _ = model.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
+    return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))  # a fixed probe of y
+
+  # Rounding of float32 sums in another order: small against each array's scale.
+  def assert_close(a, b):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+
+  outputs = [m.apply(variables, x, True, mutable=["batch_stats"]) for m in (conv, dot)]
+  assert np.abs(np.asarray(outputs[0][0])).max() > 1e-2
+  jax.tree.map(assert_close, outputs[1], outputs[0])
+  grads = [jax.grad(functools.partial(loss, m))(variables["params"]) for m in (conv, dot)]
+  jax.tree.map(assert_close, grads[1], grads[0])
+  with pytest.raises(ValueError, match="conv_1x1='im2col'"):
+    ResNet(depth=18, width=8, conv_1x1="im2col").init(jax.random.key(0), x)
 
 
 def test_resnet_unsupported_depth():

@@ -11,6 +11,50 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+class DotConv(nn.Module):
+  """A convolution written as a matmul of image patches with the kernel: (B, H, W, C_in) ->
+  (B, H', W', C_out), with `nn.Conv(features, kernel_size, strides, padding, use_bias=False)`'s
+  parameter ("kernel" of shape (kh, kw, C_in, C_out)), so checkpoints and converted weights serve
+  either form. The patches are the kh * kw shifted (strided) views of the padded input
+  concatenated along the channels (a 1 x 1 convolution needs none). On a CPU, XLA runs the
+  matmul and its gradients at matmul speed and without the layout transposes it puts around a
+  convolution's weight gradient (docs/performance.md); on a GPU cuDNN's convolutions win.
+
+  Attributes:
+    features: C_out.
+    kernel_size: (kh, kw).
+    strides: (sh, sw) or one int.
+    padding: ((top, bottom), (left, right)).
+    dtype: compute dtype; the kernel is float32.
+    kernel_init: the kernel's initializer.
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (1, 1)
+  strides: int | tuple[int, int] = 1
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+  dtype: Dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    channels = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, channels, self.features),
+                        jnp.float32)
+    sh, sw = (self.strides, self.strides) if isinstance(self.strides, int) else self.strides
+    x = x.astype(self.dtype)
+    if any(p for pair in self.padding for p in pair):
+      x = jnp.pad(x, ((0, 0), *self.padding, (0, 0)))
+    height = (x.shape[1] - kh) // sh + 1
+    width = (x.shape[2] - kw) // sw + 1
+    views = [x[:, i:i + sh * (height - 1) + 1:sh, j:j + sw * (width - 1) + 1:sw, :]
+             for i in range(kh) for j in range(kw)]
+    patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    return jnp.einsum("bhwk,kd->bhwd", patches,
+                      kernel.reshape(kh * kw * channels, self.features).astype(self.dtype))
+
+
 class MaskedBatchNorm(nn.Module):
   """BatchNorm whose batch statistics count only the samples marked present.
 

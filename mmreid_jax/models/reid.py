@@ -118,6 +118,8 @@ class MultimodalReID(nn.Module):
     gem_p: the GeM exponent of `embedding="gem"`.
     non_local: non-local blocks per ResNet stage 1..4 (`resnet.ResNet.non_local`).
     classifier: a `heads.CLASSIFIERS` name, "cosine" (the paper) or "linear".
+    conv_1x1: "conv" or "dot" (`resnet.ResNet.conv_1x1`: the 1 x 1 convolutions as matmuls,
+      faster on a CPU; the same parameters).
   """
 
   num_classes: int
@@ -137,6 +139,7 @@ class MultimodalReID(nn.Module):
   gem_p: float = 3.0
   non_local: tuple[int, ...] = (0, 0, 0, 0)
   classifier: str = "cosine"
+  conv_1x1: str = "conv"
 
   @nn.compact
   def __call__(self, images: jax.Array, present: jax.Array, modalities: tuple[int, ...],
@@ -167,14 +170,15 @@ class MultimodalReID(nn.Module):
     x = (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
     non_local = tuple(self.non_local)
     stems = {m: ResNet(self.depth, self.width, self.last_stride, 0, self.specific_stages,
-                       self.dtype, non_local, name=f"stem_{m}")
+                       self.dtype, non_local, self.conv_1x1, name=f"stem_{m}")
              for m in range(self.num_modalities)}
     stem_out = jnp.stack([stems[m](x[:, slot], train, present[:, slot])
                           for slot, m in enumerate(modalities)], axis=1)
     batch, slots = present.shape
     flat = stem_out.reshape((batch * slots,) + stem_out.shape[2:])
     shared = ResNet(self.depth, self.width, self.last_stride, self.specific_stages + 1, 4,
-                    self.dtype, non_local, name="shared")(flat, train, present.reshape(-1))
+                    self.dtype, non_local, self.conv_1x1, name="shared")(flat, train,
+                                                                         present.reshape(-1))
     feature_maps = shared.reshape((batch, slots) + shared.shape[1:])
 
     outputs = {}

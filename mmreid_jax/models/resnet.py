@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmreid_jax.models.layers import MaskedBatchNorm, NonLocal
+from mmreid_jax.models.layers import DotConv, MaskedBatchNorm, NonLocal
 
 STAGE_SIZES: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2),
@@ -31,6 +31,7 @@ STAGE_SIZES: dict[int, tuple[int, int, int, int]] = {
     101: (3, 4, 23, 3),
 }
 BOTTLENECK_DEPTHS = (50, 101)
+CONV_1X1 = ("conv", "dot")  # `ResNet.conv_1x1`
 
 
 def stage_channels(depth: int, width: int, stage: int) -> int:
@@ -57,20 +58,26 @@ class _Block(nn.Module):
   bottleneck: bool
   downsample: bool
   dtype: Any
+  conv_1x1: str = "conv"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None) -> jax.Array:
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=nn.initializers.variance_scaling(2.0, "fan_out",
-                                                                          "normal"))
+    kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=kernel_init)
+    if self.conv_1x1 == "dot":
+      pointwise = lambda features, strides=1, name=None: DotConv(  # noqa: E731
+          features, (1, 1), strides, dtype=self.dtype, kernel_init=kernel_init, name=name)
+    else:
+      pointwise = lambda features, strides=1, name=None: conv(  # noqa: E731
+          features, (1, 1), strides, name=name)
     norm = functools.partial(MaskedBatchNorm, dtype=self.dtype)
     residual = x
     if self.bottleneck:
-      y = conv(self.filters, (1, 1), name="conv1")(x)
+      y = pointwise(self.filters, name="conv1")(x)
       y = nn.relu(norm(name="bn1")(y, not train, mask))
       y = conv(self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv2")(y)
       y = nn.relu(norm(name="bn2")(y, not train, mask))
-      y = conv(self.filters * 4, (1, 1), name="conv3")(y)
+      y = pointwise(self.filters * 4, name="conv3")(y)
       y = norm(name="bn3")(y, not train, mask)
     else:
       y = conv(self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv1")(x)
@@ -79,7 +86,7 @@ class _Block(nn.Module):
       y = norm(name="bn2")(y, not train, mask)
     if self.downsample:
       out_channels = self.filters * (4 if self.bottleneck else 1)
-      residual = conv(out_channels, (1, 1), self.strides, name="downsample_conv")(x)
+      residual = pointwise(out_channels, self.strides, name="downsample_conv")(x)
       residual = norm(name="downsample_bn")(residual, not train, mask)
     return nn.relu(y + residual)
 
@@ -94,6 +101,8 @@ class ResNet(nn.Module):
     first_stage, last_stage: the stages held, 0 (stem) to 4.
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
     non_local: non-local blocks per stage 1..4, after the last blocks of each held stage.
+    conv_1x1: how the blocks' 1 x 1 convolutions run: "conv" (`nn.Conv`: cuDNN on a GPU) or
+      "dot" (`layers.PointwiseConv`, a matmul: faster on a CPU); the same parameters.
   """
 
   depth: int = 50
@@ -103,6 +112,7 @@ class ResNet(nn.Module):
   last_stage: int = 4
   dtype: Any = jnp.float32
   non_local: tuple[int, ...] = (0, 0, 0, 0)
+  conv_1x1: str = "conv"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -119,6 +129,8 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet-{self.depth} non_local={tuple(self.non_local)}: expected four "
                        "counts (stages 1..4), each at most the stage's blocks "
                        f"{STAGE_SIZES[self.depth]}.")
+    if self.conv_1x1 not in CONV_1X1:
+      raise ValueError(f"config.model.conv_1x1={self.conv_1x1!r}; expected one of {CONV_1X1}.")
     x = x.astype(self.dtype)
     if self.first_stage == 0:
       x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
@@ -137,7 +149,7 @@ class ResNet(nn.Module):
         in_channels = stage_channels(self.depth, self.width, stage - 1) if block == 0 else None
         downsample = block == 0 and (strides != 1 or in_channels != filters * (
             4 if bottleneck else 1))
-        x = _Block(filters, strides, bottleneck, downsample, self.dtype,
+        x = _Block(filters, strides, bottleneck, downsample, self.dtype, self.conv_1x1,
                    name=f"layer{stage}_{block}")(x, train, mask)
         if block >= num_blocks - self.non_local[stage - 1]:
           x = NonLocal(dtype=self.dtype, name=f"non_local{stage}_{block}")(x, not train, mask)
