@@ -13,7 +13,8 @@ Keys of the JSON (and rows of the table):
                            `--warmup` steps), train.step_times_s every timed step;
   train.images_per_s       images a second (tuples x slots: every image the network computes);
   train.compile_s          lowering and compiling the step;
-  train.flops_per_step     XLA's cost analysis of the compiled step;
+  train.flops_per_step     XLA's cost analysis of the compiled step (one device's partitioned
+                           program, times the devices);
   train.achieved_flops_per_s, train.matmul_peak_flops_per_s (a float32 matmul of
                            `--matmul-size` on every device of the mesh, timed here),
                            train.fraction_of_peak (their ratio);
@@ -103,7 +104,8 @@ def time_train(config, mesh, steps: int, warmup: int, workdir: str) -> dict[str,
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  # The cost of the partitioned program is one device's: the step runs it on every device.
+  flops = (float(cost.get("flops", float("nan"))) if cost else float("nan")) * mesh.size
   times = []
   for i, batch in enumerate(batches[:warmup + steps]):
     start = time.perf_counter()
