@@ -48,7 +48,7 @@ def test_benchmark_writes_every_key(tfds_data_dir: str, jax_cache_dir: str, tmp_
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
   command = [sys.executable, "scripts/benchmark.py", "--config", "configs/benchmark.py:tiny",
              "--output", str(output), "--steps", "2", "--warmup", "1", "--pipeline-batches", "4",
-             "--matmul-size", "256", "--rank-size", "300x2000", "--peak-size", "600x20000",
+             "--matmul-size", "256", "--rank-size", "300x2000", "--peak-size", "300x200000",
              "--feature-dim", "16", f"--config.data.data_dir={tfds_data_dir}"]
   with compile_lock():
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
