@@ -37,23 +37,9 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
                      f"{PRESETS}.")
   synthetic = config_lib.load_config_module(os.path.join(CONFIG_DIR, "synthetic.py"))
   config = synthetic.get_config({"small": "demo", "r50": "paper", "tiny": "tiny"}[preset])
-  model = config.model
-  model.name = "agw"
-  model.attention = False
-  model.embedding = "gem"
-  model.gem_p = 3.0
-  model.classifier = "linear"
-  model.non_local = (0, 0, 0, 0)
-  model.specific_stages = 0
-  model.last_stride = 1
-  model.conv_1x1 = "dot"  # the CPU's faster form (--config.model.conv_1x1=conv: XLA's conv)
-  loss = config.loss
-  loss.cross_entropy, loss.triplet, loss.wrt = 1.0, 1.0, 0.0
-  loss.center = loss.consistency = loss.reconstruction = 0.0
-  config.data.single_modality_frac = 0.0  # every slot holds an image
-  config.augment.erasing_prob = 0.0
-  config.augment.channel_prob = 0.0
-  config.augment.exchange_view = False
+  config_lib.two_stream_baseline(config)
+  config.model.conv_1x1 = "dot"  # the CPU's faster form (--config.model.conv_1x1=conv: XLA's conv)
+  config.loss.triplet = 1.0
   config.optim.name = "sgd"
   config.optim.base_learning_rate = 0.01
   config.optim.scale_by_batch = False
@@ -62,7 +48,6 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   config.optim.weight_decay = 5e-4
   config.optim.warmup_steps = 0
   config.optim.schedule = "cosine"
-  config.optim.lr_multipliers = ()
   config.eval.pictures = False
   if preset == "small":
     config.data.num_identities, config.data.tuples_per_identity = 8, 4

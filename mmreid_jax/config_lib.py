@@ -109,6 +109,36 @@ AGW_NON_LOCAL = {"paper": (0, 2, 3, 0), "demo": (0, 2, 2, 0), "tiny": (0, 1, 1, 
 CAJ_ERASING_FILL = (152, 144, 129)
 
 
+def two_stream_baseline(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The standard multi-stream baseline's switches on any config: `model.name` "agw" (a
+  modality-specific stem per modality, shared stages 1-4, last stride 1, GeM with p = 3, BNNeck,
+  a linear classifier, no attention, no non-local blocks), identity cross-entropy as the only
+  loss (a recipe adds its metric loss), tuples of every modality, no random erasing, channel
+  augmentation or exchanged views, one learning rate. Returns `config`, changed in place."""
+  model = config.model
+  model.name = "agw"
+  model.attention = False
+  model.embedding = "gem"
+  model.gem_p = 3.0
+  model.classifier = "linear"
+  model.non_local = (0, 0, 0, 0)
+  model.specific_stages = 0
+  model.last_stride = 1
+  loss = config.loss
+  loss.cross_entropy = 1.0
+  loss.wrt = 0.0
+  loss.triplet = 0.0
+  loss.center = 0.0
+  loss.consistency = 0.0
+  loss.reconstruction = 0.0
+  config.data.single_modality_frac = 0.0
+  config.augment.erasing_prob = 0.0
+  config.augment.channel_prob = 0.0
+  config.augment.exchange_view = False
+  config.optim.lr_multipliers = ()
+  return config
+
+
 def agw_recipe(config: ml_collections.ConfigDict, preset: str,
                steps_per_epoch: int) -> ml_collections.ConfigDict:
   """Turns a benchmark config (`benchmark_config`) into AGW's (Ye et al., TPAMI 2021).
@@ -134,27 +164,9 @@ def agw_recipe(config: ml_collections.ConfigDict, preset: str,
   """
   if preset not in BENCHMARK_PRESETS:
     raise ValueError(f"Unknown preset {preset!r} for AGW; expected one of {BENCHMARK_PRESETS}.")
-  model = config.model
-  model.name = "agw"
-  model.attention = False
-  model.embedding = "gem"
-  model.gem_p = 3.0
-  model.classifier = "linear"
-  model.non_local = AGW_NON_LOCAL[preset]
-  model.specific_stages = 0
-  model.last_stride = 1
-  loss = config.loss
-  loss.cross_entropy = 1.0
-  loss.wrt = 1.0
-  loss.triplet = 0.0
-  loss.center = 0.0
-  loss.consistency = 0.0
-  loss.reconstruction = 0.0
-  config.data.single_modality_frac = 0.0
-  config.augment.erasing_prob = 0.0
-  config.augment.channel_prob = 0.0
-  config.augment.exchange_view = False
-  config.optim.lr_multipliers = ()
+  two_stream_baseline(config)
+  config.model.non_local = AGW_NON_LOCAL[preset]
+  config.loss.wrt = 1.0
   if preset != "paper":
     return config
 
