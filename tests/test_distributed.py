@@ -44,7 +44,8 @@ def train(workdir: Path, processes: int, devices_per_process: int, data_dir: str
   command = [sys.executable, "-m", "mmreid_jax.main", "--config", "configs/synthetic.py:tiny",
              f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
              "--config.checkpoint_every_steps=1",
-             "--config.keep_checkpoints=6", "--config.eval.raw_pixel_baseline=False"]
+             "--config.keep_checkpoints=6", "--config.eval.raw_pixel_baseline=False",
+             "--config.eval.pictures=False"]
   logs = [workdir.parent / f"{workdir.name}.process{i}.log" for i in range(processes)]
   running = []
   for i, log in enumerate(logs):
