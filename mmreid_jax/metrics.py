@@ -270,7 +270,7 @@ def _rank_chunk(
   gallery_pids: np.ndarray,
   gallery_camids: np.ndarray,
   protocol: str,
-  pid_groups: tuple[np.ndarray, np.ndarray, np.ndarray],
+  pid_groups: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Per-query statistics for one chunk of ``C`` queries.
 
@@ -287,9 +287,10 @@ def _rank_chunk(
     query_pids, query_camids: ``(C,)``.
     gallery_pids, gallery_camids: ``(G,)``.
     protocol: one of ``PROTOCOLS``.
-    pid_groups: ``(pid_values (U,), members (G,), starts (U,))``: the distinct gallery
-      identities, the gallery indices sorted by identity, and where each identity's run starts
-      in ``members`` (only read by the "sysu" protocol).
+    pid_groups: ``(pid_values (U,), members (G,), starts (U,), group_of (G,))``: the distinct
+      gallery identities, the gallery indices sorted by identity, where each identity's run
+      starts in ``members``, and each gallery entry's identity index into ``pid_values`` (only
+      read by the "sysu" protocol).
 
   Returns:
     ``num_rel (C,)`` correct matches kept, ``cmc_rank (C,)`` the 1-based CMC rank of the first
@@ -329,13 +330,11 @@ def _rank_chunk(
   # Identity-level CMC: rank of the query's identity among the distinct identities of the kept
   # list, ordered by first occurrence: one plus the identities whose nearest kept entry comes
   # before the query identity's nearest (a smaller distance, or the same at a lower index).
-  pid_values, members, starts = pid_groups
+  pid_values, members, starts, group_of = pid_groups
   nearest = np.minimum.reduceat(kept_distances[:, members], starts, axis=1)  # (C, U)
   query_group = np.minimum(np.searchsorted(pid_values, query_pids), len(pid_values) - 1)
   own = nearest[np.arange(num_rows), query_group]
   identity_rank = (nearest < own[:, None]).sum(axis=1) + 1
-  group_of = np.empty(len(members), np.int64)
-  group_of[members] = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(members))))
   tied = (nearest == own[:, None]).sum(axis=1) > 1
   for row in np.flatnonzero(tied & (num_rel > 0)):
     at_own = np.flatnonzero(keep[row] & (distmat[row] == own[row]))  # ascending gallery index
@@ -359,8 +358,8 @@ def _evaluate_chunks(
   num_q, num_g = len(q_pids), len(g_pids)
   if max_rank < 1:
     raise ValueError(f"max_rank must be >= 1, got {max_rank}")
-  pid_values, members = np.unique(g_pids, return_inverse=True)
-  members = np.argsort(members, kind="stable")
+  pid_values, group_of = np.unique(g_pids, return_inverse=True)
+  members = np.argsort(group_of, kind="stable")
   starts = np.searchsorted(g_pids[members], pid_values) if num_g else np.zeros(0, np.int64)
 
   # first_hit_counts[r] = number of valid queries whose first correct match is at position r (1-based).
@@ -384,7 +383,7 @@ def _evaluate_chunks(
       g_pids,
       g_cams,
       protocol,
-      (pid_values, members, starts),
+      (pid_values, members, starts, group_of),
     )
     valid = num_rel > 0
     num_valid += int(valid.sum())
