@@ -204,6 +204,39 @@ def test_masked_batchnorm_no_sample_present_keeps_running_stats():
   np.testing.assert_array_equal(updates["batch_stats"]["var"], variables["batch_stats"]["var"])
 
 
+@pytest.mark.parametrize("mask", [[True, False, True, True, False, True], [True] * 6, [False] * 6])
+def test_masked_batchnorm_gradients_match_differentiated_statistics(mask):
+  """The closed-form backward against autodiff of BatchNorm written plainly (float64 NumPy-style
+  jnp, statistics over the present samples), for input, scale and bias, absent samples included
+  (their outputs still depend on the statistics)."""
+  rng = np.random.default_rng(5)
+  mask = np.array(mask)
+  module, x, variables = _bn_case(rng, mask)
+  x[~mask] = rng.standard_normal(x[~mask].shape) * 3.0  # finite gradients in float32 too
+  probe = rng.standard_normal(x.shape)
+
+  def reference(x, scale, bias):
+    weight = mask.reshape(-1, 1, 1, 1).astype(np.float64)
+    count = max(weight.sum() * x.shape[1] * x.shape[2], 1.0)
+    mean = jnp.sum(x * weight, axis=(0, 1, 2)) / count
+    var = jnp.sum(weight * (x - mean) ** 2, axis=(0, 1, 2)) / count
+    return jnp.sum(((x - mean) / jnp.sqrt(var + EPS) * scale + bias) * probe)
+
+  def loss(x, params):
+    y, _ = module.apply({**variables, "params": params}, x, False, mask, mutable=["batch_stats"])
+    return jnp.sum(y * probe)
+
+  params = variables["params"]
+  with jax.enable_x64(True):
+    expected = jax.grad(reference, argnums=(0, 1, 2))(
+        np.float64(x), np.float64(params["scale"]), np.float64(params["bias"]))
+  grad_x, grad_params = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), params)
+  assert np.abs(expected[0]).max() > 1e-2
+  np.testing.assert_allclose(grad_x, expected[0], rtol=1e-4, atol=1e-4 * np.abs(expected[0]).max())
+  np.testing.assert_allclose(grad_params["scale"], expected[1], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grad_params["bias"], expected[2], rtol=1e-4, atol=1e-4)
+
+
 def test_masked_batchnorm_eval_uses_running_stats():
   rng = np.random.default_rng(0)
   mask = np.array([True, False, True, True, False, True])
@@ -424,6 +457,24 @@ def test_dot_conv_matches_numpy_convolution(kernel, strides, padding):
       expected[:, i, j] = np.einsum("bhwc,hwcd->bd", window, w)
   assert out.shape == expected.shape
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+  # Gradients of sum(out * probe), written out: the kernel's is each window times the probe at
+  # its output position; the input's spreads the probe back through the kernel.
+  probe = rng.standard_normal(expected.shape).astype(np.float32)
+  grad_x, grad_w = jax.grad(
+      lambda x, w: jnp.sum(DotConv(4, kernel, strides, padding).apply(
+          {"params": {"kernel": w}}, x) * probe), argnums=(0, 1))(x, w)
+  expected_gw = np.zeros(w.shape)
+  expected_gpadded = np.zeros(padded.shape)
+  for i in range(height):
+    for j in range(width):
+      rows, cols = slice(i * strides, i * strides + kh), slice(j * strides, j * strides + kw)
+      expected_gw += np.einsum("bhwc,bd->hwcd", padded[:, rows, cols, :], probe[:, i, j])
+      expected_gpadded[:, rows, cols, :] += np.einsum("bd,hwcd->bhwc", probe[:, i, j], w)
+  (top, _), (left, _) = padding
+  expected_gx = expected_gpadded[:, top:top + x.shape[1], left:left + x.shape[2], :]
+  np.testing.assert_allclose(grad_w, expected_gw, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grad_x, expected_gx, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("depth", [18, 50])

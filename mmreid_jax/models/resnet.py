@@ -102,7 +102,7 @@ class ResNet(nn.Module):
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
     non_local: non-local blocks per stage 1..4, after the last blocks of each held stage.
     conv_1x1: how the blocks' 1 x 1 convolutions run: "conv" (`nn.Conv`: cuDNN on a GPU) or
-      "dot" (`layers.PointwiseConv`, a matmul: faster on a CPU); the same parameters.
+      "dot" (`layers.DotConv`, a matmul: faster on a CPU); the same parameters.
   """
 
   depth: int = 50
