@@ -63,8 +63,11 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config.model.attention_dim = 32
   config.model.discriminator_hidden = 256
   # The blocks' 1 x 1 convolutions as "conv" (cuDNN on a GPU) or "dot" (matmuls: a ResNet-50
-  # step 1.7x faster on a CPU, docs/performance.md); the same parameters either way.
+  # step 2x faster on a CPU, docs/performance.md), and the stride-2 3 x 3 convolutions' input
+  # gradient as XLA's own ("xla") or four stride-1 convolutions ("phases", faster on a CPU); the
+  # same parameters and results either way.
   config.model.conv_1x1 = "conv"
+  config.model.strided_input_grad = "xla"
   # A torchvision ResNet (.pth or .safetensors; README "Pretrained weights") for the backbone.
   config.model.pretrained = config_dict.placeholder(str)
 

@@ -18,7 +18,8 @@ import pytest
 
 from mmreid_jax.models.attention import CrossModalAttention
 from mmreid_jax.models.fusion import MultimodalFusion
-from mmreid_jax.models.layers import DotConv, MaskedBatchNorm, horizontal_stripes
+from mmreid_jax.models.layers import (DotConv, MaskedBatchNorm, PhaseGradConv,
+                                      horizontal_stripes)
 from mmreid_jax.models.reid import MultimodalReID
 from mmreid_jax.models.resnet import ResNet
 
@@ -437,55 +438,76 @@ def test_resnet_split_equals_full(k: int, train: bool):
                  full_stats, {**head_stats, **tail_stats})
 
 
-@pytest.mark.parametrize("kernel, strides, padding", [
-    ((1, 1), 1, ((0, 0), (0, 0))), ((1, 1), 2, ((0, 0), (0, 0))),
-    ((3, 3), 1, ((1, 1), (1, 1))), ((3, 3), 2, ((1, 1), (1, 1))), ((7, 7), 2, ((3, 3), (3, 3)))])
-def test_dot_conv_matches_numpy_convolution(kernel, strides, padding):
-  """DotConv against a convolution written out in NumPy (cross-correlation, zero padding)."""
-  rng = np.random.default_rng(3)
-  x = rng.standard_normal((2, 9, 7, 5)).astype(np.float32)
-  w = rng.standard_normal((*kernel, 5, 4)).astype(np.float32)
-  out = DotConv(4, kernel, strides, padding).apply({"params": {"kernel": w}}, x)
+def _numpy_conv(x: np.ndarray, w: np.ndarray, strides: int, padding, probe_seed: int = 0):
+  """A convolution (cross-correlation, zero padding) of x (B, H, W, C_in) with w (kh, kw, C_in,
+  C_out) written out in NumPy, and the gradients of sum(out * probe) for a seeded probe: the
+  kernel's is each window times the probe at its output position; the input's spreads the
+  probe back through the kernel. Returns (out, probe, grad_x, grad_w)."""
   padded = np.pad(x, ((0, 0), *padding, (0, 0)))
-  kh, kw = kernel
+  kh, kw = w.shape[:2]
   height = (padded.shape[1] - kh) // strides + 1
   width = (padded.shape[2] - kw) // strides + 1
-  expected = np.zeros((2, height, width, 4))
-  for i in range(height):
-    for j in range(width):
-      window = padded[:, i * strides:i * strides + kh, j * strides:j * strides + kw, :]
-      expected[:, i, j] = np.einsum("bhwc,hwcd->bd", window, w)
-  assert out.shape == expected.shape
-  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-
-  # Gradients of sum(out * probe), written out: the kernel's is each window times the probe at
-  # its output position; the input's spreads the probe back through the kernel.
-  probe = rng.standard_normal(expected.shape).astype(np.float32)
-  grad_x, grad_w = jax.grad(
-      lambda x, w: jnp.sum(DotConv(4, kernel, strides, padding).apply(
-          {"params": {"kernel": w}}, x) * probe), argnums=(0, 1))(x, w)
-  expected_gw = np.zeros(w.shape)
-  expected_gpadded = np.zeros(padded.shape)
+  out = np.zeros((x.shape[0], height, width, w.shape[3]))
+  probe = np.random.default_rng(probe_seed).standard_normal(out.shape).astype(np.float32)
+  grad_w = np.zeros(w.shape)
+  grad_padded = np.zeros(padded.shape)
   for i in range(height):
     for j in range(width):
       rows, cols = slice(i * strides, i * strides + kh), slice(j * strides, j * strides + kw)
-      expected_gw += np.einsum("bhwc,bd->hwcd", padded[:, rows, cols, :], probe[:, i, j])
-      expected_gpadded[:, rows, cols, :] += np.einsum("bd,hwcd->bhwc", probe[:, i, j], w)
+      out[:, i, j] = np.einsum("bhwc,hwcd->bd", padded[:, rows, cols, :], w)
+      grad_w += np.einsum("bhwc,bd->hwcd", padded[:, rows, cols, :], probe[:, i, j])
+      grad_padded[:, rows, cols, :] += np.einsum("bd,hwcd->bhwc", probe[:, i, j], w)
   (top, _), (left, _) = padding
-  expected_gx = expected_gpadded[:, top:top + x.shape[1], left:left + x.shape[2], :]
+  grad_x = grad_padded[:, top:top + x.shape[1], left:left + x.shape[2], :]
+  return out, probe, grad_x, grad_w
+
+
+def _check_conv_module(module: nn.Module, x: np.ndarray, w: np.ndarray, strides: int, padding):
+  expected, probe, expected_gx, expected_gw = _numpy_conv(x, w, strides, padding)
+  out = module.apply({"params": {"kernel": w}}, x)
+  assert out.shape == expected.shape
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  grad_x, grad_w = jax.grad(
+      lambda x, w: jnp.sum(module.apply({"params": {"kernel": w}}, x) * probe),
+      argnums=(0, 1))(x, w)
   np.testing.assert_allclose(grad_w, expected_gw, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(grad_x, expected_gx, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("depth", [18, 50])
-def test_resnet_1x1_as_dot_equals_conv(depth: int):
-  """conv_1x1="dot" has the same parameters as "conv" and computes the same network (forward
-  and gradients), training mode, with a downsampling block."""
+@pytest.mark.parametrize("kernel, strides, padding", [
+    ((1, 1), 1, ((0, 0), (0, 0))), ((1, 1), 2, ((0, 0), (0, 0))),
+    ((3, 3), 1, ((1, 1), (1, 1))), ((3, 3), 2, ((1, 1), (1, 1))), ((7, 7), 2, ((3, 3), (3, 3)))])
+def test_dot_conv_matches_numpy_convolution(kernel, strides, padding):
+  """DotConv (forward, input and weight gradients) against the convolution written out."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, 9, 7, 5)).astype(np.float32)
+  w = rng.standard_normal((*kernel, 5, 4)).astype(np.float32)
+  _check_conv_module(DotConv(4, kernel, strides, padding), x, w, strides, padding)
+
+
+@pytest.mark.parametrize("height, width", [(8, 6), (10, 4), (9, 6), (8, 7)])
+def test_phase_grad_conv_matches_numpy_convolution(height: int, width: int):
+  """PhaseGradConv against the convolution written out: the four-phase input gradient for even
+  sizes, XLA's own for odd ones."""
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((2, height, width, 5)).astype(np.float32)
+  w = rng.standard_normal((3, 3, 5, 4)).astype(np.float32)
+  _check_conv_module(PhaseGradConv(4), x, w, 2, ((1, 1), (1, 1)))
+
+
+@pytest.mark.parametrize("depth, cpu_form", [
+    (18, {"conv_1x1": "dot"}), (50, {"conv_1x1": "dot"}),
+    (18, {"strided_input_grad": "phases"}),
+    (50, {"conv_1x1": "dot", "strided_input_grad": "phases"})])
+def test_resnet_cpu_forms_equal_xla_convolutions(depth: int, cpu_form: dict[str, str]):
+  """conv_1x1="dot" and strided_input_grad="phases" have the same parameters as XLA's
+  convolutions and compute the same network (forward and gradients), training mode, with
+  downsampling blocks."""
   rng = np.random.default_rng(4)
   # Enough values per channel in stage 4's batch statistics (4 x 4 x 2) that BatchNorm does not
   # blow rounding differences up.
   x = jnp.asarray(rng.standard_normal((4, 64, 32, 3)), jnp.float32)
-  conv, dot = (ResNet(depth=depth, width=8, conv_1x1=kind) for kind in ("conv", "dot"))
+  conv, dot = ResNet(depth=depth, width=8), ResNet(depth=depth, width=8, **cpu_form)
   variables = numpy_init(conv, rng, x)
   assert (jax.tree.map(jnp.shape, dot.init(jax.random.key(0), x))
           == jax.tree.map(jnp.shape, variables))
@@ -505,6 +527,8 @@ def test_resnet_1x1_as_dot_equals_conv(depth: int):
   jax.tree.map(assert_close, grads[1], grads[0])
   with pytest.raises(ValueError, match="conv_1x1='im2col'"):
     ResNet(depth=18, width=8, conv_1x1="im2col").init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="strided_input_grad='eigen'"):
+    ResNet(depth=18, width=8, strided_input_grad="eigen").init(jax.random.key(0), x)
 
 
 def test_resnet_unsupported_depth():

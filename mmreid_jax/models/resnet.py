@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmreid_jax.models.layers import DotConv, MaskedBatchNorm, NonLocal
+from mmreid_jax.models.layers import DotConv, MaskedBatchNorm, NonLocal, PhaseGradConv
 
 STAGE_SIZES: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2),
@@ -32,6 +32,7 @@ STAGE_SIZES: dict[int, tuple[int, int, int, int]] = {
 }
 BOTTLENECK_DEPTHS = (50, 101)
 CONV_1X1 = ("conv", "dot")  # `ResNet.conv_1x1`
+STRIDED_INPUT_GRAD = ("xla", "phases")  # `ResNet.strided_input_grad`
 
 
 def stage_channels(depth: int, width: int, stage: int) -> int:
@@ -59,6 +60,7 @@ class _Block(nn.Module):
   downsample: bool
   dtype: Any
   conv_1x1: str = "conv"
+  strided_input_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None) -> jax.Array:
@@ -70,17 +72,23 @@ class _Block(nn.Module):
     else:
       pointwise = lambda features, strides=1, name=None: conv(  # noqa: E731
           features, (1, 1), strides, name=name)
+    if self.strides == 2 and self.strided_input_grad == "phases":
+      conv3x3 = lambda features, strides, name: PhaseGradConv(  # noqa: E731
+          features, dtype=self.dtype, kernel_init=kernel_init, name=name)
+    else:
+      conv3x3 = lambda features, strides, name: conv(  # noqa: E731
+          features, (3, 3), strides, padding=((1, 1), (1, 1)), name=name)
     norm = functools.partial(MaskedBatchNorm, dtype=self.dtype)
     residual = x
     if self.bottleneck:
       y = pointwise(self.filters, name="conv1")(x)
       y = nn.relu(norm(name="bn1")(y, not train, mask))
-      y = conv(self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv2")(y)
+      y = conv3x3(self.filters, self.strides, name="conv2")(y)
       y = nn.relu(norm(name="bn2")(y, not train, mask))
       y = pointwise(self.filters * 4, name="conv3")(y)
       y = norm(name="bn3")(y, not train, mask)
     else:
-      y = conv(self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv1")(x)
+      y = conv3x3(self.filters, self.strides, name="conv1")(x)
       y = nn.relu(norm(name="bn1")(y, not train, mask))
       y = conv(self.filters, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
       y = norm(name="bn2")(y, not train, mask)
@@ -103,6 +111,9 @@ class ResNet(nn.Module):
     non_local: non-local blocks per stage 1..4, after the last blocks of each held stage.
     conv_1x1: how the blocks' 1 x 1 convolutions run: "conv" (`nn.Conv`: cuDNN on a GPU) or
       "dot" (`layers.DotConv`, a matmul: faster on a CPU); the same parameters.
+    strided_input_grad: the input gradient of the stride-2 3 x 3 convolutions: "xla" (XLA's
+      own) or "phases" (`layers.PhaseGradConv`: four stride-1 convolutions, faster on a CPU);
+      the same parameters and forward.
   """
 
   depth: int = 50
@@ -113,6 +124,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   non_local: tuple[int, ...] = (0, 0, 0, 0)
   conv_1x1: str = "conv"
+  strided_input_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -131,6 +143,9 @@ class ResNet(nn.Module):
                        f"{STAGE_SIZES[self.depth]}.")
     if self.conv_1x1 not in CONV_1X1:
       raise ValueError(f"config.model.conv_1x1={self.conv_1x1!r}; expected one of {CONV_1X1}.")
+    if self.strided_input_grad not in STRIDED_INPUT_GRAD:
+      raise ValueError(f"config.model.strided_input_grad={self.strided_input_grad!r}; expected "
+                       f"one of {STRIDED_INPUT_GRAD}.")
     x = x.astype(self.dtype)
     if self.first_stage == 0:
       x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
@@ -150,7 +165,7 @@ class ResNet(nn.Module):
         downsample = block == 0 and (strides != 1 or in_channels != filters * (
             4 if bottleneck else 1))
         x = _Block(filters, strides, bottleneck, downsample, self.dtype, self.conv_1x1,
-                   name=f"layer{stage}_{block}")(x, train, mask)
+                   self.strided_input_grad, name=f"layer{stage}_{block}")(x, train, mask)
         if block >= num_blocks - self.non_local[stage - 1]:
           x = NonLocal(dtype=self.dtype, name=f"non_local{stage}_{block}")(x, not train, mask)
     return x
