@@ -43,8 +43,8 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   config.model.conv_1x1 = "dot"
   config.model.strided_input_grad = "phases"
   # XLA's CPU scheduler that runs independent operations side by side slowed ResNet-50's step on
-  # 2 cores by 13% (docs/performance.md).
-  config.compiler_options.cpu.xla_cpu_enable_concurrency_optimized_scheduler = False
+  # 2 cores by 10-13% (docs/performance.md).
+  config.xla_flags = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
   config.loss.triplet = 1.0
   config.optim.name = "sgd"
   config.optim.base_learning_rate = 0.01

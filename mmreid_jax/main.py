@@ -109,6 +109,25 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"FATAL Flags parsing error: {message or error}")
 
 
+def apply_xla_flags(xla_flags: str) -> None:
+  """Appends `config.xla_flags` to the XLA_FLAGS environment variable, which XLA reads once,
+  when JAX starts its backends; so this must run before anything touches JAX's devices.
+
+  Raises:
+    ConfigError: the backends already started (the flags would be silently ignored).
+  """
+  if not xla_flags:
+    return
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+
+  from mmreid_jax import faults  # pylint: disable=import-outside-toplevel
+
+  if xla_bridge.backends_are_initialized():
+    raise faults.ConfigError(f"config.xla_flags={xla_flags!r} arrived after JAX started its "
+                             "backends; set them in the XLA_FLAGS environment variable.")
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), xla_flags]))
+
+
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
                            process_id: int | None, auto: bool) -> None:
   """Joins the processes of a multi-process run (before anything else touches JAX's devices).
@@ -152,6 +171,7 @@ def main(argv: list[str]) -> None:
   from mmreid_jax import faults, run
 
   try:
+    apply_xla_flags(FLAGS.config.get("xla_flags", ""))
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            FLAGS.distributed)
   except faults.RunError as error:

@@ -73,15 +73,6 @@ def _as_static(value: Any) -> Any:
   return value
 
 
-def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  """The XLA options of `config.compiler_options` for this process's backend (None: none).
-
-  XLA refuses an unknown option name when the step compiles ("No such compile option").
-  """
-  options = config.get("compiler_options", {}).get(jax.default_backend(), {})
-  return dict(options) or None
-
-
 def build_model(config: ml_collections.ConfigDict, num_classes: int,
                 num_modalities: int) -> tuple[nn.Module, nn.Module]:
   """The ReID network named by `config.model.name` and its modality discriminator.
@@ -421,7 +412,7 @@ class Trainer:
                                                                config.augment))
     self.train_step = jax.jit(step_fn, in_shardings=(self.replicated, self.batch_sharding),
                               out_shardings=(self.replicated, self.replicated),
-                              donate_argnums=0, compiler_options=compiler_options(config))
+                              donate_argnums=0)
 
   def initial_state(self) -> TrainState:
     """A freshly initialised, replicated state (seeded by `config.seed`).

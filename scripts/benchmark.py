@@ -323,7 +323,13 @@ def main(argv: list[str] | None = None) -> int:
   tf.config.set_visible_devices([], "GPU")
   import jax  # pylint: disable=import-outside-toplevel
 
-  from mmreid_jax import train  # pylint: disable=import-outside-toplevel
+  from mmreid_jax import faults, train  # pylint: disable=import-outside-toplevel
+  from mmreid_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+
+  try:
+    main_lib.apply_xla_flags(config.get("xla_flags", ""))
+  except faults.ConfigError as error:
+    raise SystemExit(f"error: {error}") from error
 
   workdir = args.workdir or os.path.splitext(args.output)[0] + "_work"
   results: dict[str, Any] = {
@@ -331,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
       "machine": {"backend": jax.default_backend(), "local_devices": jax.local_device_count(),
                   "device_kind": jax.local_devices()[0].device_kind,
                   "cpu_cores": len(os.sched_getaffinity(0)), "jax": jax.__version__,
-                  "dtype": config.dtype}}
+                  "dtype": config.dtype, "xla_flags": os.environ.get("XLA_FLAGS", "")}}
   trainer = None
   if "train" not in args.skip or "pipeline" not in args.skip:
     mesh = train.make_mesh(jax.local_devices())

@@ -140,3 +140,23 @@ def test_unknown_config_override_fails(tfds_data_dir: str, jax_cache_dir: str, t
   assert result.returncode != 0
   assert "nonexistent" in result.stderr
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_xla_flags_reach_xla_before_the_backend_starts(tmp_path: Path):
+  """`config.xla_flags` appended before JAX starts is what XLA runs with (here: a dump folder);
+  once the backends run, it is refused by name instead of being ignored."""
+  dump = tmp_path / "dump"
+  script = (f"from mmreid_jax import main; main.apply_xla_flags('--xla_dump_to={dump}'); "
+            "import jax, jax.numpy as jnp; "
+            "jax.jit(lambda x: x * 3)(jnp.ones(4)).block_until_ready()")
+  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+  subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env, timeout=300)
+  assert any("jit__lambda" in path.name for path in dump.iterdir())
+
+  import jax
+
+  from mmreid_jax import faults, main
+  jax.devices()  # the backends run in this process from here on
+  main.apply_xla_flags("")  # nothing to apply: no error
+  with pytest.raises(faults.ConfigError, match="config.xla_flags='--xla_dump_to=x'"):
+    main.apply_xla_flags("--xla_dump_to=x")

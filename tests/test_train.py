@@ -439,23 +439,6 @@ def test_full_size_model_one_training_step(tfds_data_dir: str, tmp_path: Path):
   assert int(state.step) == 1
 
 
-def test_compiler_options_reach_the_train_step(tiny: SimpleNamespace, tmp_path: Path):
-  """`config.compiler_options[backend]` is handed to XLA with the train step: a name XLA does not
-  know is refused when the step compiles; another backend's options are not used."""
-  config = load_config("tiny", tiny.config.data.data_dir)
-  backend = jax.default_backend()
-  other = "tpu" if backend != "tpu" else "cpu"
-  with config.unlocked():
-    config.compiler_options[other] = {"xla_not_an_option_elsewhere": True}
-  assert train.compiler_options(config) is None
-  with config.unlocked():
-    config.compiler_options[backend] = {"xla_not_an_option_here": True}
-  trainer = train.Trainer(config, str(tmp_path))
-  with pytest.raises(Exception, match="xla_not_an_option_here"):
-    trainer.train_step.lower(trainer.abstract_state,
-                             trainer.device_batch(tiny.batches[0])).compile()
-
-
 def test_bfloat16_step_matches_float32(tiny: SimpleNamespace, second_step, tmp_path: Path):
   """Compute in bfloat16: the loss is within 2% of float32's, parameters stay float32."""
   config = load_config("tiny", tiny.config.data.data_dir, dtype="bfloat16")
