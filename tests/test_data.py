@@ -359,3 +359,19 @@ def test_pipeline_without_augmentation_gives_the_decoded_images(train_set):
       expected = (png_to_array(train_set.images[row]) if row >= 0
                   else np.zeros((32, 16, 3), np.uint8))
       np.testing.assert_array_equal(batch["images"][i, slot], expected, err_msg=f"{i}, {slot}")
+
+
+@pytest.mark.parametrize("stored", [(32, 16), (40, 12), (16, 8)])
+def test_decode_returns_target_size_pixels(stored: tuple[int, int]):
+  """An image stored at the target size comes back pixel for pixel (PIL's own decoding); any
+  other size equals PIL's pixels resized by `augment.resize`; resizing to the same size is the
+  identity, so both paths agree where they meet."""
+  rng = np.random.default_rng(7)
+  pixels = rng.integers(0, 256, (*stored, 3), dtype=np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="PNG")
+  decoded = augment_lib.decode(tf.constant(buffer.getvalue()), 32, 16).numpy()
+  assert decoded.shape == (32, 16, 3)
+  expected = pixels if stored == (32, 16) else augment_lib.resize(tf.constant(pixels), 32, 16)
+  np.testing.assert_array_equal(decoded, np.asarray(expected))
+  np.testing.assert_array_equal(augment_lib.resize(tf.constant(pixels), *stored).numpy(), pixels)
