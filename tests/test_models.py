@@ -507,9 +507,9 @@ def test_resnet_cpu_forms_equal_xla_convolutions(depth: int, cpu_form: dict[str,
   # Enough values per channel in stage 4's batch statistics (4 x 4 x 2) that BatchNorm does not
   # blow rounding differences up.
   x = jnp.asarray(rng.standard_normal((4, 64, 32, 3)), jnp.float32)
-  conv, dot = ResNet(depth=depth, width=8), ResNet(depth=depth, width=8, **cpu_form)
+  conv, cpu = ResNet(depth=depth, width=8), ResNet(depth=depth, width=8, **cpu_form)
   variables = numpy_init(conv, rng, x)
-  assert (jax.tree.map(jnp.shape, dot.init(jax.random.key(0), x))
+  assert (jax.tree.map(jnp.shape, cpu.init(jax.random.key(0), x))
           == jax.tree.map(jnp.shape, variables))
 
   def loss(model, params):
@@ -520,10 +520,10 @@ def test_resnet_cpu_forms_equal_xla_convolutions(depth: int, cpu_form: dict[str,
   def assert_close(a, b):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
 
-  outputs = [m.apply(variables, x, True, mutable=["batch_stats"]) for m in (conv, dot)]
+  outputs = [m.apply(variables, x, True, mutable=["batch_stats"]) for m in (conv, cpu)]
   assert np.abs(np.asarray(outputs[0][0])).max() > 1e-2
   jax.tree.map(assert_close, outputs[1], outputs[0])
-  grads = [jax.grad(functools.partial(loss, m))(variables["params"]) for m in (conv, dot)]
+  grads = [jax.grad(functools.partial(loss, m))(variables["params"]) for m in (conv, cpu)]
   jax.tree.map(assert_close, grads[1], grads[0])
   with pytest.raises(ValueError, match="conv_1x1='im2col'"):
     ResNet(depth=18, width=8, conv_1x1="im2col").init(jax.random.key(0), x)

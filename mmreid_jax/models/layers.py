@@ -66,11 +66,10 @@ def _conv3x3_stride2_fwd(x, kernel):
 
 def _conv3x3_stride2_bwd(residuals, g):
   x, kernel = residuals
-  _, kernel_vjp = jax.vjp(lambda kernel: _conv3x3_stride2(x, kernel), kernel)
-  (grad_kernel,) = kernel_vjp(g)
+  # XLA's gradients; its input gradient is kept for odd sizes only (else unused and dropped).
+  xla_grad_x, grad_kernel = jax.vjp(_conv3x3_stride2, x, kernel)[1](g)
   if x.shape[1] % 2 or x.shape[2] % 2:
-    _, input_vjp = jax.vjp(lambda x: _conv3x3_stride2(x, kernel), x)
-    return input_vjp(g)[0], grad_kernel
+    return xla_grad_x, grad_kernel
   transposed = jnp.swapaxes(kernel, 2, 3)  # (3, 3, C_out, C_in)
   phases = [[jax.lax.conv_general_dilated(
       g, transposed[jnp.array(rows)][:, jnp.array(cols)], (1, 1),
@@ -171,9 +170,7 @@ def batch_norm_train(x: jax.Array, weight: jax.Array, scale: jax.Array, bias: ja
   sum(dxhat * xhat)) / n), the sums over every position. Two reductions and one elementwise pass
   instead of the several passes XLA makes of the differentiated statistics.
   """
-  mean, var, count, _ = _batch_statistics(x, weight)
-  y = (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
-  return y, mean, var, count
+  return _batch_norm_train_fwd(x, weight, scale, bias, epsilon)[0]
 
 
 def _batch_norm_train_fwd(x, weight, scale, bias, epsilon):
