@@ -28,6 +28,8 @@ from mmreid_jax import config_lib
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 PRESETS = ("small", "r50", "tiny")
+HOST_MALLOC = ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
+               "glibc.malloc.trim_threshold=1000000000000:glibc.malloc.hugetlb=1")
 
 
 def get_config(preset: str = "small") -> ml_collections.ConfigDict:
@@ -38,13 +40,19 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   synthetic = config_lib.load_config_module(os.path.join(CONFIG_DIR, "synthetic.py"))
   config = synthetic.get_config({"small": "demo", "r50": "paper", "tiny": "tiny"}[preset])
   config_lib.two_stream_baseline(config)
-  # The CPU's faster forms (--config.model.conv_1x1=conv --config.model.strided_input_grad=xla:
-  # XLA's own, as on a GPU).
+  # The CPU's faster forms (--config.model.conv_1x1=conv --config.model.strided_input_grad=xla
+  # --config.model.weight_grad_3x3=xla: XLA's own, as on a GPU).
   config.model.conv_1x1 = "dot"
   config.model.strided_input_grad = "phases"
+  config.model.weight_grad_3x3 = "shifts"
   # XLA's CPU scheduler that runs independent operations side by side slowed ResNet-50's step on
   # 2 cores by 10-13% (docs/performance.md).
   config.xla_flags = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+  # glibc's malloc keeps freed memory (no mmap of large blocks, one arena, no trimming) on
+  # transparent huge pages: XLA's CPU client maps a fresh 4.3 GB temporary buffer for each
+  # ResNet-50 step otherwise, and faulting it in cost 1.8 s of kernel time a step. PyTorch's
+  # baseline runs under the same setting (docs/performance.md).
+  config.glibc_tunables = HOST_MALLOC
   config.loss.triplet = 1.0
   config.optim.name = "sgd"
   config.optim.base_learning_rate = 0.01

@@ -34,6 +34,10 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   # before JAX starts (e.g. "--xla_cpu_enable_concurrency_optimized_scheduler=false", which
   # configs/benchmark.py sets: ResNet-50's step 10-13% faster on 2 CPU cores).
   config.xla_flags = ""
+  # Set in the GLIBC_TUNABLES environment variable by `mmreid_jax.main` and scripts/benchmark.py,
+  # which restart themselves once to apply them (glibc reads them at start-up); configs/benchmark.py
+  # keeps freed host memory for reuse on huge pages (docs/performance.md).
+  config.glibc_tunables = ""
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "synthetic_mm/demo"
@@ -67,11 +71,13 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config.model.attention_dim = 32
   config.model.discriminator_hidden = 256
   # The blocks' 1 x 1 convolutions as "conv" (cuDNN on a GPU) or "dot" (matmuls: a ResNet-50
-  # step 2x faster on a CPU, docs/performance.md), and the stride-2 3 x 3 convolutions' input
-  # gradient as XLA's own ("xla") or four stride-1 convolutions ("phases", faster on a CPU); the
-  # same parameters and results either way.
+  # step 2x faster on a CPU, docs/performance.md), the stride-2 3 x 3 convolutions' input
+  # gradient as XLA's own ("xla") or four stride-1 convolutions ("phases", faster on a CPU), and
+  # the stride-1 3 x 3 convolutions' kernel gradient as XLA's own ("xla") or one matmul of
+  # shifted copies ("shifts", faster on a CPU); the same parameters and results either way.
   config.model.conv_1x1 = "conv"
   config.model.strided_input_grad = "xla"
+  config.model.weight_grad_3x3 = "xla"
   # A torchvision ResNet (.pth or .safetensors; README "Pretrained weights") for the backbone.
   config.model.pretrained = config_dict.placeholder(str)
 

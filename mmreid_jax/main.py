@@ -26,6 +26,7 @@ from __future__ import annotations
 import difflib
 import logging as pylogging
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -128,6 +129,43 @@ def apply_xla_flags(xla_flags: str) -> None:
   os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), xla_flags]))
 
 
+_TUNABLE = re.compile(r"glibc\.[a-z_]+\.[a-z_]+=[^:=]+")
+
+
+def apply_glibc_tunables(tunables: str) -> None:
+  """Restarts this process (the same interpreter and command line) with `config.glibc_tunables`
+  ("glibc.NAMESPACE.NAME=VALUE" entries joined by ":") merged into the GLIBC_TUNABLES environment
+  variable, which glibc reads only when a process starts. Nothing happens when they are already
+  there (as after the restart) or when `tunables` is empty; entries of GLIBC_TUNABLES that
+  `tunables` does not name are kept.
+
+  configs/benchmark.py keeps freed host memory for reuse and backs it with transparent huge
+  pages: XLA's CPU client maps a fresh temporary buffer for every step and unmaps it after (4.3 GB
+  for ResNet-50 at 48 images: 1.2 million page faults and 1.8 s of kernel time a step on 2 cores,
+  docs/performance.md).
+
+  Raises:
+    ConfigError: an entry not of the form glibc.NAMESPACE.NAME=VALUE.
+  """
+  from mmreid_jax import faults  # pylint: disable=import-outside-toplevel
+
+  wanted = [entry for entry in tunables.split(":") if entry]
+  for entry in wanted:
+    if not _TUNABLE.fullmatch(entry):
+      raise faults.ConfigError(f"config.glibc_tunables={tunables!r}: {entry!r} is not of the form "
+                               "glibc.NAMESPACE.NAME=VALUE (entries joined by ':').")
+  current = os.environ.get("GLIBC_TUNABLES", "")
+  merged = dict(entry.split("=", 1) for entry in current.split(":") if "=" in entry)
+  merged.update(entry.split("=", 1) for entry in wanted)
+  value = ":".join(f"{name}={setting}" for name, setting in merged.items())
+  if not wanted or value == current:
+    return
+  os.environ["GLIBC_TUNABLES"] = value
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
                            process_id: int | None, auto: bool) -> None:
   """Joins the processes of a multi-process run (before anything else touches JAX's devices).
@@ -163,12 +201,18 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_DropLibraryChatter())
+  from mmreid_jax import faults
+
+  try:
+    apply_glibc_tunables(FLAGS.config.get("glibc_tunables", ""))
+  except faults.RunError as error:
+    sys.exit(f"error: {error}")
   import tensorflow as tf  # Imported late so that the environment above is in place.
 
   tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; JAX owns accelerators.
   import jax
 
-  from mmreid_jax import faults, run
+  from mmreid_jax import run
 
   try:
     apply_xla_flags(FLAGS.config.get("xla_flags", ""))

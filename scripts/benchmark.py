@@ -318,13 +318,19 @@ def main(argv: list[str] | None = None) -> int:
     config = config_lib.load_config_with_overrides(args.config, overrides)
   except ValueError as error:
     raise SystemExit(f"error: {error}") from error
+  from mmreid_jax import faults  # pylint: disable=import-outside-toplevel
+  from mmreid_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+
+  try:  # Restarts this script with the tunables (PyTorch's subprocess inherits them).
+    main_lib.apply_glibc_tunables(config.get("glibc_tunables", ""))
+  except faults.ConfigError as error:
+    raise SystemExit(f"error: {error}") from error
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   tf.config.set_visible_devices([], "GPU")
   import jax  # pylint: disable=import-outside-toplevel
 
-  from mmreid_jax import faults, train  # pylint: disable=import-outside-toplevel
-  from mmreid_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  from mmreid_jax import train  # pylint: disable=import-outside-toplevel
 
   try:
     main_lib.apply_xla_flags(config.get("xla_flags", ""))
@@ -337,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
       "machine": {"backend": jax.default_backend(), "local_devices": jax.local_device_count(),
                   "device_kind": jax.local_devices()[0].device_kind,
                   "cpu_cores": len(os.sched_getaffinity(0)), "jax": jax.__version__,
-                  "dtype": config.dtype, "xla_flags": os.environ.get("XLA_FLAGS", "")}}
+                  "dtype": config.dtype, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}}
   trainer = None
   if "train" not in args.skip or "pipeline" not in args.skip:
     mesh = train.make_mesh(jax.local_devices())

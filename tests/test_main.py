@@ -160,3 +160,35 @@ def test_xla_flags_reach_xla_before_the_backend_starts(tmp_path: Path):
   main.apply_xla_flags("")  # nothing to apply: no error
   with pytest.raises(faults.ConfigError, match="config.xla_flags='--xla_dump_to=x'"):
     main.apply_xla_flags("--xla_dump_to=x")
+
+
+def _heap_after_large_allocation(tunables: str) -> tuple[str, int]:
+  """In a fresh process: `apply_glibc_tunables(tunables)`, then a 320 MB NumPy array; returns
+  GLIBC_TUNABLES as the process saw it and the size of its brk heap by the kernel's
+  /proc/self/maps (glibc maps blocks this large separately unless told not to)."""
+  script = (f"from mmreid_jax import main; main.apply_glibc_tunables({tunables!r}); "
+            "import os, numpy as np; a = np.ones(40_000_000); "
+            "heap = sum(int(e, 16) - int(s, 16) for s, e in (line.split()[0].split('-') "
+            "for line in open('/proc/self/maps') if line.rstrip().endswith('[heap]'))); "
+            "print(os.environ.get('GLIBC_TUNABLES', ''), heap, sep='|')")
+  env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+  result = subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env,
+                          timeout=300, capture_output=True, text=True)
+  value, heap = result.stdout.strip().split("|")
+  return value, int(heap)
+
+
+def test_glibc_tunables_restart_the_process_with_them():
+  """`config.glibc_tunables` reaches glibc: with mmap_max=0 the 320 MB array comes from the brk
+  heap (the kernel's memory map says so), without it from a separate mapping; bad entries are
+  refused by name."""
+  value, heap = _heap_after_large_allocation("glibc.malloc.mmap_max=0")
+  assert value == "glibc.malloc.mmap_max=0"
+  assert heap >= 320_000_000
+  value, heap = _heap_after_large_allocation("")
+  assert value == ""
+  assert heap < 100_000_000
+
+  from mmreid_jax import faults, main
+  with pytest.raises(faults.ConfigError, match="config.glibc_tunables='mmap_max=0'"):
+    main.apply_glibc_tunables("mmap_max=0")

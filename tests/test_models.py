@@ -18,7 +18,7 @@ import pytest
 
 from mmreid_jax.models.attention import CrossModalAttention
 from mmreid_jax.models.fusion import MultimodalFusion
-from mmreid_jax.models.layers import (DotConv, MaskedBatchNorm, PhaseGradConv,
+from mmreid_jax.models.layers import (DotConv, MaskedBatchNorm, PhaseGradConv, ShiftGradConv,
                                       horizontal_stripes)
 from mmreid_jax.models.reid import MultimodalReID
 from mmreid_jax.models.resnet import ResNet
@@ -495,14 +495,24 @@ def test_phase_grad_conv_matches_numpy_convolution(height: int, width: int):
   _check_conv_module(PhaseGradConv(4), x, w, 2, ((1, 1), (1, 1)))
 
 
+@pytest.mark.parametrize("height, width", [(6, 5), (1, 3)])
+def test_shift_grad_conv_matches_numpy_convolution(height: int, width: int):
+  """ShiftGradConv against the convolution written out: the kernel gradient as one matmul of
+  shifted copies (a single row too, where every tap but the middle row reads padding)."""
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((3, height, width, 5)).astype(np.float32)
+  w = rng.standard_normal((3, 3, 5, 4)).astype(np.float32)
+  _check_conv_module(ShiftGradConv(4), x, w, 1, ((1, 1), (1, 1)))
+
+
 @pytest.mark.parametrize("depth, cpu_form", [
     (18, {"conv_1x1": "dot"}), (50, {"conv_1x1": "dot"}),
-    (18, {"strided_input_grad": "phases"}),
-    (50, {"conv_1x1": "dot", "strided_input_grad": "phases"})])
+    (18, {"strided_input_grad": "phases", "weight_grad_3x3": "shifts"}),
+    (50, {"conv_1x1": "dot", "strided_input_grad": "phases", "weight_grad_3x3": "shifts"})])
 def test_resnet_cpu_forms_equal_xla_convolutions(depth: int, cpu_form: dict[str, str]):
-  """conv_1x1="dot" and strided_input_grad="phases" have the same parameters as XLA's
-  convolutions and compute the same network (forward and gradients), training mode, with
-  downsampling blocks."""
+  """conv_1x1="dot", strided_input_grad="phases" and weight_grad_3x3="shifts" have the same
+  parameters as XLA's convolutions and compute the same network (forward and gradients),
+  training mode, with downsampling blocks."""
   rng = np.random.default_rng(4)
   # Enough values per channel in stage 4's batch statistics (4 x 4 x 2) that BatchNorm does not
   # blow rounding differences up.
@@ -529,6 +539,8 @@ def test_resnet_cpu_forms_equal_xla_convolutions(depth: int, cpu_form: dict[str,
     ResNet(depth=18, width=8, conv_1x1="im2col").init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="strided_input_grad='eigen'"):
     ResNet(depth=18, width=8, strided_input_grad="eigen").init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="weight_grad_3x3='taps'"):
+    ResNet(depth=18, width=8, weight_grad_3x3="taps").init(jax.random.key(0), x)
 
 
 def test_resnet_unsupported_depth():

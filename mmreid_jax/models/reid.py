@@ -122,6 +122,8 @@ class MultimodalReID(nn.Module):
       faster on a CPU; the same parameters).
     strided_input_grad: "xla" or "phases" (`resnet.ResNet.strided_input_grad`: the stride-2
       3 x 3 convolutions' input gradient as four stride-1 convolutions, faster on a CPU).
+    weight_grad_3x3: "xla" or "shifts" (`resnet.ResNet.weight_grad_3x3`: the stride-1 3 x 3
+      convolutions' kernel gradient as one matmul, faster on a CPU).
   """
 
   num_classes: int
@@ -143,6 +145,7 @@ class MultimodalReID(nn.Module):
   classifier: str = "cosine"
   conv_1x1: str = "conv"
   strided_input_grad: str = "xla"
+  weight_grad_3x3: str = "xla"
 
   @nn.compact
   def __call__(self, images: jax.Array, present: jax.Array, modalities: tuple[int, ...],
@@ -172,17 +175,18 @@ class MultimodalReID(nn.Module):
                        f"{sorted(CLASSIFIERS)}.")
     x = (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
     non_local = tuple(self.non_local)
+    conv_forms = {"conv_1x1": self.conv_1x1, "strided_input_grad": self.strided_input_grad,
+                  "weight_grad_3x3": self.weight_grad_3x3}
     stems = {m: ResNet(self.depth, self.width, self.last_stride, 0, self.specific_stages,
-                       self.dtype, non_local, self.conv_1x1, self.strided_input_grad,
-                       name=f"stem_{m}")
+                       self.dtype, non_local, **conv_forms, name=f"stem_{m}")
              for m in range(self.num_modalities)}
     stem_out = jnp.stack([stems[m](x[:, slot], train, present[:, slot])
                           for slot, m in enumerate(modalities)], axis=1)
     batch, slots = present.shape
     flat = stem_out.reshape((batch * slots,) + stem_out.shape[2:])
     shared = ResNet(self.depth, self.width, self.last_stride, self.specific_stages + 1, 4,
-                    self.dtype, non_local, self.conv_1x1, self.strided_input_grad,
-                    name="shared")(flat, train, present.reshape(-1))
+                    self.dtype, non_local, **conv_forms, name="shared")(
+                        flat, train, present.reshape(-1))
     feature_maps = shared.reshape((batch, slots) + shared.shape[1:])
 
     outputs = {}

@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmreid_jax.models.layers import DotConv, MaskedBatchNorm, NonLocal, PhaseGradConv
+from mmreid_jax.models.layers import (DotConv, MaskedBatchNorm, NonLocal, PhaseGradConv,
+                                      ShiftGradConv)
 
 STAGE_SIZES: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2),
@@ -33,6 +34,7 @@ STAGE_SIZES: dict[int, tuple[int, int, int, int]] = {
 BOTTLENECK_DEPTHS = (50, 101)
 CONV_1X1 = ("conv", "dot")  # `ResNet.conv_1x1`
 STRIDED_INPUT_GRAD = ("xla", "phases")  # `ResNet.strided_input_grad`
+WEIGHT_GRAD_3X3 = ("xla", "shifts")  # `ResNet.weight_grad_3x3`
 
 
 def stage_channels(depth: int, width: int, stage: int) -> int:
@@ -61,6 +63,7 @@ class _Block(nn.Module):
   dtype: Any
   conv_1x1: str = "conv"
   strided_input_grad: str = "xla"
+  weight_grad_3x3: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None) -> jax.Array:
@@ -72,12 +75,13 @@ class _Block(nn.Module):
     else:
       pointwise = lambda features, strides=1, name=None: conv(  # noqa: E731
           features, (1, 1), strides, name=name)
-    if self.strides == 2 and self.strided_input_grad == "phases":
-      conv3x3 = lambda features, strides, name: PhaseGradConv(  # noqa: E731
-          features, dtype=self.dtype, kernel_init=kernel_init, name=name)
-    else:
-      conv3x3 = lambda features, strides, name: conv(  # noqa: E731
-          features, (3, 3), strides, padding=((1, 1), (1, 1)), name=name)
+    def conv3x3(features: int, strides: int, name: str) -> nn.Module:
+      if strides == 2 and self.strided_input_grad == "phases":
+        return PhaseGradConv(features, dtype=self.dtype, kernel_init=kernel_init, name=name)
+      if strides == 1 and self.weight_grad_3x3 == "shifts":
+        return ShiftGradConv(features, dtype=self.dtype, kernel_init=kernel_init, name=name)
+      return conv(features, (3, 3), strides, padding=((1, 1), (1, 1)), name=name)
+
     norm = functools.partial(MaskedBatchNorm, dtype=self.dtype)
     residual = x
     if self.bottleneck:
@@ -90,7 +94,7 @@ class _Block(nn.Module):
     else:
       y = conv3x3(self.filters, self.strides, name="conv1")(x)
       y = nn.relu(norm(name="bn1")(y, not train, mask))
-      y = conv(self.filters, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
+      y = conv3x3(self.filters, 1, name="conv2")(y)
       y = norm(name="bn2")(y, not train, mask)
     if self.downsample:
       out_channels = self.filters * (4 if self.bottleneck else 1)
@@ -114,6 +118,9 @@ class ResNet(nn.Module):
     strided_input_grad: the input gradient of the stride-2 3 x 3 convolutions: "xla" (XLA's
       own) or "phases" (`layers.PhaseGradConv`: four stride-1 convolutions, faster on a CPU);
       the same parameters and forward.
+    weight_grad_3x3: the kernel gradient of the stride-1 3 x 3 convolutions: "xla" (XLA's own)
+      or "shifts" (`layers.ShiftGradConv`: one matmul of shifted copies, faster on a CPU); the
+      same parameters and forward.
   """
 
   depth: int = 50
@@ -125,6 +132,7 @@ class ResNet(nn.Module):
   non_local: tuple[int, ...] = (0, 0, 0, 0)
   conv_1x1: str = "conv"
   strided_input_grad: str = "xla"
+  weight_grad_3x3: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -146,6 +154,9 @@ class ResNet(nn.Module):
     if self.strided_input_grad not in STRIDED_INPUT_GRAD:
       raise ValueError(f"config.model.strided_input_grad={self.strided_input_grad!r}; expected "
                        f"one of {STRIDED_INPUT_GRAD}.")
+    if self.weight_grad_3x3 not in WEIGHT_GRAD_3X3:
+      raise ValueError(f"config.model.weight_grad_3x3={self.weight_grad_3x3!r}; expected one of "
+                       f"{WEIGHT_GRAD_3X3}.")
     x = x.astype(self.dtype)
     if self.first_stage == 0:
       x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
@@ -165,7 +176,8 @@ class ResNet(nn.Module):
         downsample = block == 0 and (strides != 1 or in_channels != filters * (
             4 if bottleneck else 1))
         x = _Block(filters, strides, bottleneck, downsample, self.dtype, self.conv_1x1,
-                   self.strided_input_grad, name=f"layer{stage}_{block}")(x, train, mask)
+                   self.strided_input_grad, self.weight_grad_3x3,
+                   name=f"layer{stage}_{block}")(x, train, mask)
         if block >= num_blocks - self.non_local[stage - 1]:
           x = NonLocal(dtype=self.dtype, name=f"non_local{stage}_{block}")(x, not train, mask)
     return x
