@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -82,9 +82,9 @@ def _conv3x3_stride2_bwd(residuals, g):
 conv3x3_stride2.defvjp(_conv3x3_stride2_fwd, _conv3x3_stride2_bwd)
 
 
-class PhaseGradConv(nn.Module):
-  """`nn.Conv(features, (3, 3), 2, padding=((1, 1), (1, 1)), use_bias=False)` (the same
-  "kernel" parameter) computed by `conv3x3_stride2`: (B, H, W, C_in) -> (B, H / 2, W / 2, C_out).
+class _Conv3x3(nn.Module):
+  """A 3 x 3, padding-1 convolution with `nn.Conv(..., use_bias=False)`'s "kernel" parameter
+  (3, 3, C_in, C_out), computed by the subclass's `convolve(x, kernel)`.
 
   Attributes:
     features: C_out.
@@ -95,12 +95,21 @@ class PhaseGradConv(nn.Module):
   features: int
   dtype: Dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  convolve: ClassVar[Callable[[jax.Array, jax.Array], jax.Array]]
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
                         jnp.float32)
-    return conv3x3_stride2(x.astype(self.dtype), kernel.astype(self.dtype))
+    return type(self).convolve(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class PhaseGradConv(_Conv3x3):
+  """`nn.Conv(features, (3, 3), 2, padding=((1, 1), (1, 1)), use_bias=False)` (the same
+  "kernel" parameter) computed by `conv3x3_stride2`: (B, H, W, C_in) -> (B, H / 2, W / 2, C_out).
+  """
+
+  convolve = staticmethod(conv3x3_stride2)
 
 
 def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -147,25 +156,12 @@ def _conv3x3_shifted_bwd(residuals, g):
 conv3x3_shifted.defvjp(_conv3x3_shifted_fwd, _conv3x3_shifted_bwd)
 
 
-class ShiftGradConv(nn.Module):
+class ShiftGradConv(_Conv3x3):
   """`nn.Conv(features, (3, 3), 1, padding=((1, 1), (1, 1)), use_bias=False)` (the same
   "kernel" parameter) computed by `conv3x3_shifted`: (B, H, W, C_in) -> (B, H, W, C_out).
-
-  Attributes:
-    features: C_out.
-    dtype: compute dtype; the kernel is float32.
-    kernel_init: the kernel's initializer.
   """
 
-  features: int
-  dtype: Dtype = jnp.float32
-  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
-                        jnp.float32)
-    return conv3x3_shifted(x.astype(self.dtype), kernel.astype(self.dtype))
+  convolve = staticmethod(conv3x3_shifted)
 
 
 class DotConv(nn.Module):
