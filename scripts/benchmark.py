@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
   try:  # Restarts this script with the tunables (PyTorch's subprocess inherits them).
     main_lib.apply_glibc_tunables(config.get("glibc_tunables", ""))
+    main_lib.apply_xla_flags(config.get("xla_flags", ""))
   except faults.ConfigError as error:
     raise SystemExit(f"error: {error}") from error
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -331,11 +332,6 @@ def main(argv: list[str] | None = None) -> int:
   import jax  # pylint: disable=import-outside-toplevel
 
   from mmreid_jax import train  # pylint: disable=import-outside-toplevel
-
-  try:
-    main_lib.apply_xla_flags(config.get("xla_flags", ""))
-  except faults.ConfigError as error:
-    raise SystemExit(f"error: {error}") from error
 
   workdir = args.workdir or os.path.splitext(args.output)[0] + "_work"
   results: dict[str, Any] = {

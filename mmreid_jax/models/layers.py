@@ -43,9 +43,13 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 _PHASE_TAPS = ((1,), (2, 0))
 
 
-def _conv3x3_stride2(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+def _conv3x3(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """XLA's 3 x 3, padding-1 convolution of NHWC x with an HWIO kernel."""
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
                                       dimension_numbers=_NHWC)
+
+
+_conv3x3_stride2 = functools.partial(_conv3x3, stride=2)
 
 
 @jax.custom_vjp
@@ -110,11 +114,6 @@ class PhaseGradConv(_Conv3x3):
   """
 
   convolve = staticmethod(conv3x3_stride2)
-
-
-def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=_NHWC)
 
 
 def shifted_weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
