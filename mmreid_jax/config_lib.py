@@ -76,6 +76,12 @@ def benchmark_config(config_dir: str | os.PathLike, preset: str, data_name: str,
   config.eval.rerank_lambda = 0.3
   # Raw pixels of a real test set are GBs; those of the small sets the other presets run on not.
   config.eval.raw_pixel_baseline = preset != "paper"
+  if preset == "demo":
+    # The synthetic demo's recipe before scene conditions (single-modality tuples, no alone
+    # views), which docs/results.md's comparison with AGW and CAJ was measured with.
+    config.data.single_modality_frac = 1.0
+    config.model.train_alone_views = False
+    config.model.fused_view_detached = False
   if preset != "paper":
     return config
 
@@ -124,6 +130,8 @@ def two_stream_baseline(config: ml_collections.ConfigDict) -> ml_collections.Con
   model.non_local = (0, 0, 0, 0)
   model.specific_stages = 0
   model.last_stride = 1
+  model.train_alone_views = False
+  model.fused_view_detached = False
   loss = config.loss
   loss.cross_entropy = 1.0
   loss.wrt = 0.0

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from mmreid_jax import metrics, visualize
+from mmreid_jax import metrics, scene_analysis, visualize
 from mmreid_jax.data import datasets
 from mmreid_jax.data import sysu_mm01 as sysu_protocol
 from mmreid_jax.data.pipeline import eval_batches
@@ -79,8 +79,6 @@ def modality_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet) -> 
   return protocols
 
 
-# The synthetic set's protocols are the generic ones (kept under this name for callers).
-synthetic_protocols = modality_protocols
 
 
 def sysu_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet) -> list[Protocol]:
@@ -124,6 +122,30 @@ def modality_settings(names: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]
   return settings
 
 
+def capture_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet, prefix: str,
+                      cross_settings: bool) -> list[Protocol]:
+  """Capture-to-capture retrieval: one row per capture, each embedded with the modalities of a
+  setting (`modality_settings`), same identity and camera ignored.
+
+  `<prefix>/all` embeds every modality, `<prefix>/missing-<m>` leaves modalities out of every
+  query and gallery capture; with `cross_settings`, `<prefix>/<A>-><B>` also embeds queries in
+  setting A and the gallery in setting B.
+
+  Raises:
+    ValueError: a split without aligned captures.
+  """
+  if np.any(query.tuple_ids < 0) or np.any(gallery.tuple_ids < 0):
+    raise ValueError(f"{prefix} protocols need aligned captures (tuple_id >= 0 on every row).")
+  _, query_rows = np.unique(query.tuple_ids, return_index=True)
+  _, gallery_rows = np.unique(gallery.tuple_ids, return_index=True)
+  settings = modality_settings(query.modality_names)
+  return [Protocol(f"{prefix}/{q_name}" if q_name == g_name else f"{prefix}/{q_name}->{g_name}",
+                   query_rows, (gallery_rows,), rule="market", query_modalities=q_present,
+                   gallery_modalities=g_present)
+          for q_name, q_present in settings for g_name, g_present in settings
+          if cross_settings or q_name == g_name]
+
+
 def rgbnt201_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet) -> list[Protocol]:
   """RGBNT201: query = gallery = every test capture, same identity and camera ignored.
 
@@ -131,15 +153,17 @@ def rgbnt201_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet) -> 
   out of every query and gallery capture; `rgbnt201/<A>-><B>` (cross-setting retrieval) embeds
   queries in setting A and the gallery in setting B.
   """
-  if np.any(query.tuple_ids < 0):
-    raise ValueError("rgbnt201 protocols need aligned captures (tuple_id >= 0 on every row).")
-  _, query_rows = np.unique(query.tuple_ids, return_index=True)
-  _, gallery_rows = np.unique(gallery.tuple_ids, return_index=True)
-  settings = modality_settings(query.modality_names)
-  return [Protocol(f"rgbnt201/{q_name}" if q_name == g_name else f"rgbnt201/{q_name}->{g_name}",
-                   query_rows, (gallery_rows,), rule="market", query_modalities=q_present,
-                   gallery_modalities=g_present)
-          for q_name, q_present in settings for g_name, g_present in settings]
+  return capture_protocols(query, gallery, "rgbnt201", cross_settings=True)
+
+
+def synthetic_protocols(query: datasets.ImageSet, gallery: datasets.ImageSet
+                        ) -> list[Protocol]:
+  """The synthetic set: every single-image protocol of `modality_protocols` ("A->B", "all"),
+  then fused retrieval, query captures against gallery captures with the same modalities:
+  `fused/all` (every modality, the paper's multimodal setting) and `fused/missing-<m>` for each
+  setting with modalities left out (`capture_protocols`)."""
+  return (modality_protocols(query, gallery)
+          + capture_protocols(query, gallery, "fused", cross_settings=False))
 
 
 PROTOCOLS: dict[str, Callable[[datasets.ImageSet, datasets.ImageSet], list[Protocol]]] = {
@@ -339,7 +363,8 @@ class FeatureExtractor:
     """The cross-modal attention's modality weights A_m(m) of tuples of `image_set`'s rows.
 
     Each tuple (a row of `table`) goes through the model once, without flipping, with the slots
-    of its rows present; a model without the attention (`model.attention` False) has none.
+    of its rows present; a model without the modal attention (`model.has_modal_weights` False)
+    has none.
 
     Args:
       image_set: the rows.
@@ -638,8 +663,16 @@ def evaluate_model(config: ml_collections.ConfigDict, builder, model, variables:
     report["baselines"] = {"raw_pixel": {
         name: {k: v for k, v in protocol_entry(results).items() if k in STD_RATES}
         for name, results in raw.items()}}
+  with_conditions = query.conditions is not None
+  if with_conditions:
+    by_condition = scene_analysis.condition_protocols(protocols, query.conditions)
+    report["conditions"] = {
+        condition: {name: protocol_entry(results) for name, results in rank_protocols(
+            chosen, query, gallery, features, config.eval.distance, config.eval.max_rank,
+            rerank_options(config.eval)).items()}
+        for condition, chosen in by_condition.items()}
   modal_weights = None
-  if options["pictures"] and getattr(model, "attention", False):
+  if (options["pictures"] or with_conditions) and getattr(model, "has_modal_weights", False):
     # Every process runs the forward passes (a sharded jit); process 0 draws.
     table = modality_tuples(query, int(config.get("seed", 0)))
     modal_weights = {"query": (table, extractor.modal_weights(query, table, height, width))}
@@ -647,6 +680,8 @@ def evaluate_model(config: ml_collections.ConfigDict, builder, model, variables:
     if gallery is not query:
       table = modality_tuples(gallery, int(config.get("seed", 0)))
       modal_weights["gallery"] = (table, extractor.modal_weights(gallery, table, height, width))
+  if with_conditions:
+    report.update(condition_weights_and_shares(query, gallery, features, modal_weights))
   if jax.process_index() == 0:
     write_report(report, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=False,
@@ -665,6 +700,38 @@ def evaluate_model(config: ml_collections.ConfigDict, builder, model, variables:
                           os.path.join(workdir, "eval"))
     writer.flush()
   return report
+
+
+def condition_weights_and_shares(
+    query: datasets.ImageSet, gallery: datasets.ImageSet, features: dict[FeatureKey, np.ndarray],
+    modal_weights: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> dict[str, Any]:
+  """The report's "modal_weights_by_condition" (with the attention's `modal_weights`, see
+  `write_pictures`) and "modality_share_by_condition" (where `features` hold every capture
+  setting with one modality left out, as the fused protocols do) entries
+  (`scene_analysis`)."""
+  names = query.modality_names
+  entries: dict[str, Any] = {}
+  splits = [("query", query)] + ([] if gallery is query else [("gallery", gallery)])
+  if modal_weights is not None:
+    entries["modal_weights_by_condition"] = scene_analysis.modal_weights_by_condition(
+        [modal_weights[side][0] for side, _ in splits],
+        [modal_weights[side][1] for side, _ in splits],
+        [image_set.conditions for _, image_set in splits], names)
+  every = tuple(range(len(names)))
+  without = [tuple(n for n in every if n != m) for m in every]
+  if not all(("query", s) in features for s in [every] + without):
+    return entries
+  shares, capture_conditions = [], []
+  for side, image_set in splits:
+    table, _ = capture_table(image_set)
+    rows = table.max(axis=1)  # any row of each capture: its rows share the fused features
+    shares.append(scene_analysis.modality_shares(
+        features[(side, every)][rows],
+        np.stack([features[(side, s)][rows] for s in without], axis=1), table >= 0))
+    capture_conditions.append(image_set.conditions[rows])
+  entries["modality_share_by_condition"] = scene_analysis.share_by_condition(
+      np.concatenate(shares), np.concatenate(capture_conditions), names)
+  return entries
 
 
 # Gallery images per query in the ranked-gallery grids.
@@ -698,16 +765,48 @@ def decoded_images(image_set: datasets.ImageSet, rows: np.ndarray, height: int,
                          eval_batches(image_set.subset(rows), height, width, 64)])
 
 
+def _draw_by_condition(conditions: np.ndarray, count: int, rng: np.random.Generator
+                       ) -> np.ndarray:
+  """`count` sorted indices into `conditions` (N,), drawn without replacement, one condition after
+  another in `scene_analysis.ordered_conditions` order, so that every condition is shown."""
+  pools = {c: list(rng.permutation(np.flatnonzero(conditions == c)))
+           for c in scene_analysis.ordered_conditions(conditions)}
+  chosen: list[int] = []
+  while len(chosen) < count:
+    for pool in pools.values():
+      if pool and len(chosen) < count:
+        chosen.append(int(pool.pop()))
+  return np.sort(np.asarray(chosen, np.int64))
+
+
+def capture_strips(image_set: datasets.ImageSet, rows: np.ndarray, modalities: Sequence[int],
+                   height: int, width: int) -> np.ndarray:
+  """(len(rows), height, len(modalities) * width, 3) uint8: the images of each row's capture in
+  `modalities`, side by side in that order as evaluation feeds them (black where absent)."""
+  table, row_capture = capture_table(image_set)
+  captures = table[row_capture[np.asarray(rows, np.int64)]][:, list(modalities)]  # (R, K)
+  images = decoded_images(image_set, np.maximum(captures, 0).reshape(-1), height, width)
+  images = images.reshape(captures.shape + images.shape[1:])
+  images = images * (captures >= 0)[..., None, None, None].astype(np.uint8)
+  return np.concatenate(list(np.moveaxis(images, 1, 0)), axis=2) if len(rows) else np.zeros(
+      (0, height, len(modalities) * width, 3), np.uint8)
+
+
 def grid_picture(config: ml_collections.ConfigDict, protocol: Protocol, index: int,
                  query: datasets.ImageSet, gallery: datasets.ImageSet,
                  features: dict[FeatureKey, np.ndarray], query_weights: np.ndarray | None,
                  num_queries: int, step: int):
-  """The ranked-gallery grid of one single-image protocol (its first gallery trial).
+  """The ranked-gallery grid of one protocol (its first gallery trial).
 
   `num_queries` queries are drawn without replacement by a generator seeded with
-  (config.seed, index), so an evaluation of another step shows the same queries; each is ranked
+  (config.seed, index), so an evaluation of another step shows the same queries (on a set with
+  scene conditions, a capture protocol's queries in turn from each condition); each is ranked
   as `rank_protocols` ranks it (distance, re-ranking, the protocol's rule) and shown with its
-  first `GRID_TOP_K` gallery images.
+  first `GRID_TOP_K` gallery images. A capture protocol's tiles show each capture's images of
+  the protocol's modalities side by side. `query_weights` is None, or the attention's modality
+  weights of each query row: (N,) the weight of the row's own modality in its capture
+  (single-image protocols), or (N, M) the weights of every modality of the row's capture
+  (capture protocols).
 
   Returns:
     The figure and the grid's description (`visualize` module docstring, grid_<protocol>.json).
@@ -715,11 +814,14 @@ def grid_picture(config: ml_collections.ConfigDict, protocol: Protocol, index: i
   seed = int(config.get("seed", 0))
   rng = np.random.default_rng([seed, index])
   count = min(num_queries, len(protocol.query_rows))
-  chosen = np.sort(rng.choice(len(protocol.query_rows), size=count, replace=False))
+  if protocol.query_modalities is not None and query.conditions is not None:
+    chosen = _draw_by_condition(query.conditions[protocol.query_rows], count, rng)
+  else:
+    chosen = np.sort(rng.choice(len(protocol.query_rows), size=count, replace=False))
   q_rows = protocol.query_rows[chosen]
   g_rows = protocol.gallery_trials[0]
-  query_features = features[("query", None)]
-  gallery_features = features[("gallery", None)][g_rows]
+  query_features = features[("query", protocol.query_modalities)]
+  gallery_features = features[("gallery", protocol.gallery_modalities)][g_rows]
   measure = DISTANCES[config.eval.distance]
   rerank = rerank_options(config.eval)
   if rerank is None:
@@ -735,18 +837,32 @@ def grid_picture(config: ml_collections.ConfigDict, protocol: Protocol, index: i
                                protocol.rule)
   shown = np.unique(g_rows[top[top >= 0]])
   height, width = config.data.height, config.data.width
-  query_images = decoded_images(query, q_rows, height, width)
-  gallery_images = dict(zip(shown.tolist(), decoded_images(gallery, shown, height, width)))
   names = query.modality_names
+  if protocol.query_modalities is None:
+    query_images = decoded_images(query, q_rows, height, width)
+    gallery_images = dict(zip(shown.tolist(), decoded_images(gallery, shown, height, width)))
+    query_labels = [names[m] for m in query.modalities[q_rows]]
+    gallery_label = lambda g: names[gallery.modalities[g]]
+  else:  # each capture's images of the protocol's modalities, side by side
+    query_images = capture_strips(query, q_rows, protocol.query_modalities, height, width)
+    gallery_images = dict(zip(shown.tolist(), capture_strips(
+        gallery, shown, protocol.gallery_modalities, height, width)))
+    query_labels = ["+".join(names[m] for m in protocol.query_modalities)] * len(q_rows)
+    gallery_label = lambda g: "+".join(names[m] for m in protocol.gallery_modalities)
   rows, entries = [], []
   for i, q in enumerate(q_rows.tolist()):
-    modality = names[query.modalities[q]]
+    modality = query_labels[i]
     weight = None
-    if query_weights is not None and np.isfinite(query_weights[q]):
-      weight = float(query_weights[q])
+    if query_weights is not None and np.all(np.isfinite(query_weights[q])):
+      weight = query_weights[q].tolist()
     caption = f"query {modality}\nid {query.pids[q]}, cam {query.camids[q]}"
-    if weight is not None:
+    if query.conditions is not None:
+      caption += f", {query.conditions[q]}"
+    if isinstance(weight, float):
       caption += f"\nmodal weight {weight:.2f}"
+    elif weight is not None:  # a capture's weights, (M,)
+      caption += "\nweights " + " ".join(f"{w:.2f}" for w in weight)
+      weight = dict(zip(names, weight))
     tiles = [visualize.GridTile(query_images[i], modality, caption, None)]
     listed = []
     for rank, column in enumerate(top[i].tolist(), start=1):
@@ -755,16 +871,21 @@ def grid_picture(config: ml_collections.ConfigDict, protocol: Protocol, index: i
         continue
       g = int(g_rows[column])
       correct = bool(gallery.pids[g] == query.pids[q])
-      tiles.append(visualize.GridTile(gallery_images[g], names[gallery.modalities[g]],
-                                      f"{rank}. id {gallery.pids[g]}\ncam {gallery.camids[g]}",
-                                      correct))
+      caption = f"{rank}. id {gallery.pids[g]}\ncam {gallery.camids[g]}"
+      if gallery.conditions is not None:
+        caption += f", {gallery.conditions[g]}"
+      tiles.append(visualize.GridTile(gallery_images[g], gallery_label(g), caption, correct))
       listed.append({"rank": rank, "row": g, "path": str(gallery.paths[g]),
                      "pid": int(gallery.pids[g]), "camid": int(gallery.camids[g]),
-                     "modality": names[gallery.modalities[g]], "correct": correct})
+                     "modality": gallery_label(g), "correct": correct,
+                     **({} if gallery.conditions is None else
+                        {"condition": str(gallery.conditions[g])})})
     rows.append(tiles)
     entries.append({"row": q, "path": str(query.paths[q]), "pid": int(query.pids[q]),
                     "camid": int(query.camids[q]), "modality": modality,
-                    "modal_weight": weight, "gallery": listed})
+                    "modal_weight": weight, "gallery": listed,
+                    **({} if query.conditions is None else
+                       {"condition": str(query.conditions[q])})})
   title = (f"{protocol.name} at step {step}: {count} of {len(protocol.query_rows)} queries "
            f"(seed {seed}) and their first {GRID_TOP_K} gallery images; frame green: same "
            "identity, red: another")
@@ -844,6 +965,34 @@ def write_pictures(config: ml_collections.ConfigDict, report: dict[str, Any],
       json_path = os.path.join(directory, name + ".json")
       visualize.write_json(json_path, description)
       written.append(json_path)
+  every = tuple(range(len(query.modality_names)))
+  fused = [p for p in protocols if p.query_modalities == every and p.gallery_modalities == every]
+  if fused and options["num_grid_queries"] > 0:
+    capture_weights = None
+    if modal_weights is not None and np.all(query.tuple_ids >= 0):
+      capture_weights = modal_weights["query"][1][capture_table(query)[1]]  # (N, M) per row
+    for index, protocol in enumerate(fused, start=len(protocols)):
+      fig, description = grid_picture(config, protocol, index, query, gallery, features,
+                                      capture_weights, options["num_grid_queries"], step)
+      name = "grid_" + visualize.file_stem(protocol.name)
+      save(fig, name, f"{protocol.name}: sampled query captures (every modality, side by side"
+           + (", in turn from each scene condition" if query.conditions is not None else "")
+           + f") and their first {GRID_TOP_K} gallery captures, framed green (same identity) or "
+           "red (another)" + ("; the caption's weights are the attention's, in modality order"
+                              if capture_weights is not None else "") + ".")
+      json_path = os.path.join(directory, name + ".json")
+      visualize.write_json(json_path, {"dataset": report["dataset"], **description})
+      written.append(json_path)
+
+  if report.get("modal_weights_by_condition") or report.get("modality_share_by_condition"):
+    save(visualize.condition_reliance_figure(
+        report.get("modal_weights_by_condition", {}),
+        report.get("modality_share_by_condition", {}), f"Modalities per scene condition, {title}"),
+         "modal_weights_by_condition",
+         "Per scene condition of the test captures: the attention's mean modality weight A_m(m) "
+         "(captures with every modality) and each modality's share of the fused embedding, "
+         "1 - cos(f, f without it), normalised over the modalities (docs/design.md, 'Scene "
+         "conditions').")
 
   if modal_weights is not None:
     sides = [modal_weights["query"]] + ([] if gallery is query else [modal_weights["gallery"]])

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from mmreid_jax import evaluate, train
+from mmreid_jax import evaluate, scene_analysis, train
 
 
 def _evaluate_state(trainer: train.Trainer, state: train.TrainState) -> dict[str, Any]:
@@ -17,6 +17,15 @@ def _evaluate_state(trainer: train.Trainer, state: train.TrainState) -> dict[str
       trainer.workdir, trainer.batch_sharding)
   if jax.process_index() == 0:
     print(evaluate.format_table(report), flush=True)
+    if "conditions" in report:
+      # fused/all and each setting with one modality left out (the JSON holds every protocol)
+      fused = [name for name in report["protocols"]
+               if name.startswith("fused/") and "+" not in name]
+      print(scene_analysis.format_table(report["conditions"], fused or list(report["protocols"])),
+            flush=True)
+      reliance = scene_analysis.format_reliance(report)
+      if reliance:
+        print(reliance, flush=True)
   return report
 
 

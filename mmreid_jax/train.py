@@ -122,8 +122,18 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, batch_size: int,
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+# Parameter names (path endings) never decayed whatever their rank: biases (the fusion's
+# per-stripe `corr_bias` too) and softmax logit tables (the fusion's `corr_pair_logits`).
+_NO_DECAY_SUFFIXES = ("bias", "logits")
+
+
 def _weight_decay_mask(params: Any) -> Any:
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """True for the parameters weight decay applies to: kernels and weight matrices (ndim > 1)
+  whose name ends in neither "bias" nor "logits"; BatchNorm scales and scalars (ndim <= 1) are
+  never decayed."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim > 1 and not parameter_path(path).endswith(_NO_DECAY_SUFFIXES),
+      params)
 
 
 OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict, optax.Schedule],
@@ -272,9 +282,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   if len(modalities) != slots:
     raise ValueError(f"slot_modalities={modalities} names {len(modalities)} slots; the batch "
                      f"has {slots}.")
-  flat_labels = jnp.repeat(labels, slots)
-  flat_modalities = jnp.tile(jnp.asarray(modalities), batch_size)
-  valid = present.reshape(-1)
+  # The model's output rows: the batch, or with `train_alone_views` the batch twice (fused,
+  # then each slot alone); labels and modalities follow, presence comes from the model.
+  rows = batch_size * (2 if getattr(model, "train_alone_views", False) else 1)
+  flat_labels = jnp.repeat(jnp.tile(labels, rows // batch_size), slots)
+  flat_modalities = jnp.tile(jnp.asarray(modalities), rows)
   step_rng = jax.random.fold_in(state.rng, state.step)
   w = loss_config
 
@@ -282,8 +294,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     outputs, updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, images, present, modalities,
         train=True, rngs={"mask": step_rng}, mutable=["batch_stats"])
-    features = outputs["features"].reshape(batch_size * slots, -1)
-    embeddings = outputs["embeddings"].reshape(batch_size * slots, -1)
+    valid = outputs["present"].reshape(-1)
+    features = outputs["features"].reshape(rows * slots, -1)
+    embeddings = outputs["embeddings"].reshape(rows * slots, -1)
     terms = {}
     if w.cross_entropy:
       terms["cross_entropy"] = IDENTITY_LOSSES[model.classifier](
@@ -303,18 +316,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       _require_outputs(outputs, ("reconstruction", "reconstruction_target",
                                  "reconstruction_mask"), "reconstruction", w.reconstruction, model)
       map_shape = outputs["reconstruction"].shape
-      flat_maps = (batch_size * slots,) + map_shape[2:]
+      flat_maps = (rows * slots,) + map_shape[2:]
       terms["reconstruction"] = losses.masked_reconstruction_loss(
           outputs["reconstruction"].reshape(flat_maps),
           outputs["reconstruction_target"].reshape(flat_maps),
           outputs["reconstruction_mask"].reshape(flat_maps[:3]), valid)
     total = sum(getattr(w, name) * value for name, value in terms.items())
-    aux = (terms, updates["batch_stats"], features, outputs.get("modal_weights"),
+    aux = (terms, updates["batch_stats"], features, valid, outputs.get("modal_weights"),
            outputs.get("scale"))
     return total, aux
 
-  (total, (terms, batch_stats, features, modal_weights, scale)), grads = jax.value_and_grad(
-      generator_loss, has_aux=True)(state.params)
+  (total, (terms, batch_stats, features, valid, modal_weights, scale)), grads = (
+      jax.value_and_grad(generator_loss, has_aux=True)(state.params))
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
@@ -348,6 +361,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   if scale is not None:  # the cosine classifier's
     metrics["classifier/scale"] = scale
   if modal_weights is not None:  # with the cross-modal attention, per dataset modality
+    modal_weights = modal_weights[:batch_size]  # the fused view's
     for modality in sorted(set(modalities)):
       held = present_f * (jnp.asarray(modalities) == modality)
       metrics[f"modal_weight/{modality}"] = (jnp.sum(modal_weights * held)

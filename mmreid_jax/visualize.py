@@ -7,11 +7,16 @@ pyplot state, so nothing here needs a display or changes the user's backend) or 
   cmc.png                CMC curves, Rank-1 to Rank-20, of every protocol (one line each);
   grid_<protocol>.png    ranked-gallery grids: sampled queries, each followed by its first
                          gallery images as the protocol ranks them, framed green (the query's
-                         identity) or red (another), the modality written on each image;
+                         identity) or red (another), the modality written on each image; for
+                         fused retrieval ("fused/all", "rgbnt201/all") every tile is a capture,
+                         its modalities side by side;
   grid_<protocol>.json   what each grid shows: rows, identities, cameras, whether each gallery
                          image is correct, and every tile's pixel box in the PNG;
   modal_weights.png      histograms of the cross-modal attention's modality weights, per
                          modality, over the test captures (models with the attention only);
+  modal_weights_by_condition.png
+                         on a set with scene conditions: the mean modality weights and each
+                         modality's share of the fused embedding, per condition;
   embedding_map.png      a 2-D PCA (or t-SNE) map of the embeddings of sampled identities,
                          colour by identity, marker by modality;
   index.html             every picture and the metrics table, readable offline.
@@ -270,6 +275,42 @@ def modal_weight_figure(weights: Mapping[str, np.ndarray], title: str = "",
       ax.set_ylabel("captures")
   fig.suptitle(title or "Cross-modal attention: modality weights (dashed: 1 / M)", fontsize=10)
   fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.8, wspace=0.3)
+  return fig
+
+
+def condition_reliance_figure(weights: Mapping[str, Mapping[str, float]],
+                              shares: Mapping[str, Mapping[str, float]], title: str = ""
+                              ) -> Figure:
+  """Grouped bars per scene condition: the attention's mean modality weights and each
+  modality's share of the fused embedding (one panel each; a panel without values is left out).
+
+  Args:
+    weights: {condition: {modality: mean weight}} (`scene_analysis`), or empty.
+    shares: {condition: {modality: mean share}}, or empty.
+    title: the figure's title.
+  """
+  panels = [(label, values) for label, values in (
+      ("attention weight A_m(m)", weights), ("share of the fused embedding", shares)) if values]
+  fig = Figure(figsize=(6.0 * max(len(panels), 1) + 0.4, 3.6), dpi=100)
+  FigureCanvasAgg(fig)
+  for i, (label, values) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), i + 1)
+    conditions = list(values)
+    names = list(next(iter(values.values())))
+    bar = 0.8 / len(names)
+    positions = np.arange(len(conditions))
+    for m, name in enumerate(names):
+      ax.bar(positions + (m - (len(names) - 1) / 2) * bar,
+             [values[c][name] for c in conditions], bar, label=name, color=f"C{m}")
+    ax.axhline(1.0 / len(names), color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(positions)
+    ax.set_xticklabels([c.replace("_", "\n") for c in conditions], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(label)
+    if i == 0:
+      ax.legend(fontsize=8, loc="upper right")
+  fig.suptitle(title or "Modalities per scene condition (dashed: 1 / M)", fontsize=10)
+  fig.subplots_adjust(left=0.07, right=0.98, bottom=0.18, top=0.86, wspace=0.2)
   return fig
 
 

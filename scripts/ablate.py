@@ -103,6 +103,19 @@ STUDIES: dict[str, dict[str, Variant]] = {
         "no_consistency": Variant("- modal consistency (adversarial)", {
             **_PAPER_MODEL, "loss.consistency": 0.0}),
     },
+    # Scene-adaptive weighting (configs/synthetic.py:conditions): the paper's model against
+    # fusion without any scene-dependent weighting.
+    "conditions": {
+        "paper": Variant("The paper's model (modal attention, dynamic fusion)", {
+            **_PAPER_MODEL, "model.modal_attention": True}),
+        "no_modal_attention": Variant("The paper's model without the modal attention", {
+            **_PAPER_MODEL, "model.modal_attention": False}),
+        "early_concat": Variant("Early concatenation", {
+            "model.attention": False, "model.embedding": "concat",
+            "loss.reconstruction": 0.0}),
+        "late_fusion": Variant("Late fusion (score averaging)", {
+            "model.attention": False, "model.embedding": "late", "loss.reconstruction": 0.0}),
+    },
 }
 
 
@@ -153,8 +166,10 @@ def same_runs(study: str, name: str, seed: int, root: str) -> list[str]:
 
 
 def directions(protocols: Sequence[str]) -> list[str]:
-  """The protocols the "mean over directions" averages: all but "all" (and ".../all")."""
-  return [name for name in protocols if name != "all" and not name.endswith("/all")]
+  """The protocols the "mean over directions" averages: all but "all" (and ".../all") and the
+  synthetic set's capture protocols ("fused/...")."""
+  return [name for name in protocols if name != "all" and not name.endswith("/all")
+          and not name.startswith("fused/")]
 
 
 def spread(values: Sequence[float]) -> dict[str, Any]:
@@ -200,12 +215,69 @@ def summarize(study: str, variants: Mapping[str, Variant],
                   "protocols": {p: {rate: r["report"]["protocols"][p][rate] for rate in RATES}
                                 for p in names}} for r in finished],
         "protocols": per_protocol, "mean_over_directions": mean_over,
+        **condition_spreads([r["report"] for r in finished]),
     })
   if headline is None:
     headline = "ir->rgb" if "ir->rgb" in protocols else (directions(protocols) or protocols
                                                           or [None])[0]
   return {"study": study, **info, "headline": headline, "directions": directions(protocols),
           "rows": rows}
+
+
+def condition_spreads(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The spread over seeds of the per-scene-condition entries of the reports (configs with
+  scene conditions, `mmreid_jax.scene_analysis`): "conditions" {condition: {protocol: {rate:
+  spread}}} for the capture protocols ("fused/..."), and "modal_weights_by_condition" and
+  "modality_share_by_condition" {condition: {modality: spread}}; {} without conditions."""
+  if not all("conditions" in report for report in reports):
+    return {}
+  first = reports[0]
+  spreads: dict[str, Any] = {"conditions": {
+      condition: {protocol: {rate: spread([r["conditions"][condition][protocol][rate]
+                                           for r in reports]) for rate in RATES}
+                  for protocol in entries if protocol.startswith("fused/")}
+      for condition, entries in first["conditions"].items()}}
+  for key in ("modal_weights_by_condition", "modality_share_by_condition"):
+    if all(key in report for report in reports):
+      spreads[key] = {condition: {modality: spread([r[key][condition][modality] for r in reports])
+                                  for modality in values}
+                      for condition, values in first[key].items()}
+  return spreads
+
+
+def condition_markdown(summary: Mapping[str, Any]) -> list[str]:
+  """Per-condition tables of a study whose runs report scene conditions: mAP and Rank-1 of each
+  capture protocol per condition of the query, then the attention's weights and the modalities'
+  shares of the fused embedding."""
+  rows = [row for row in summary["rows"] if "conditions" in row]
+  if not rows:
+    return []
+  conditions = list(rows[0]["conditions"])
+  protocols = list(rows[0]["conditions"][conditions[0]])
+  lines = []
+  for protocol in protocols:
+    for rate in ("mAP", "rank1"):
+      lines += ["", f"{protocol} {RATE_NAMES[rate]} per scene condition of the query:", "",
+                "| variant | " + " | ".join(conditions) + " |",
+                "|" + "|".join(["---"] + ["---:"] * len(conditions)) + "|"]
+      for row in rows:
+        cells = [_cell(row["conditions"][c][protocol][rate]) if protocol in row["conditions"][c]
+                 else "-" for c in conditions]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+  for key, what in (("modal_weights_by_condition", "attention weight A_m(m)"),
+                    ("modality_share_by_condition", "share of the fused embedding")):
+    chosen = [row for row in rows if key in row]
+    if not chosen:
+      continue
+    modalities = list(next(iter(chosen[0][key].values())))
+    lines += ["", f"Each modality's {what} per scene condition ({', '.join(modalities)}):", "",
+              "| variant | " + " | ".join(conditions) + " |",
+              "|" + "|".join(["---"] + ["---:"] * len(conditions)) + "|"]
+    for row in chosen:
+      cells = [" / ".join(f"{row[key][c][m]['mean']:.2f}" for m in modalities)
+               if c in row[key] else "-" for c in conditions]
+      lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def _cell(stats: Mapping[str, Any]) -> str:
@@ -248,6 +320,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
       cells = [f"{_cell(row['protocols'][p]['rank1'])} / {_cell(row['protocols'][p]['mAP'])}"
                for p in protocols]
       lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+  lines += condition_markdown(summary)
   return "\n".join(lines) + "\n"
 
 

@@ -20,7 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # For `--dist loadgroup`, with test_train.py (whose comment says why `compile_lock` is needed).
 pytestmark = pytest.mark.xdist_group("training")
 DIRECTIONS = ("rgb->ir", "rgb->depth", "ir->rgb", "ir->depth", "depth->rgb", "depth->ir")
-PROTOCOLS = set(DIRECTIONS) | {"all"}
+# Capture-to-capture retrieval with every modality and with modalities left out.
+FUSED = {"fused/all", "fused/missing-rgb", "fused/missing-ir", "fused/missing-depth",
+         "fused/missing-rgb+ir", "fused/missing-rgb+depth", "fused/missing-ir+depth"}
+PROTOCOLS = set(DIRECTIONS) | {"all"} | FUSED
+MODALITIES = ("rgb", "ir", "depth")
 RATES = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
 
 
@@ -47,8 +51,16 @@ def table_rows(stdout: str) -> dict[str, str]:
 
 
 def check_report(report: dict, step: int) -> None:
-  """WORKDIR/eval/synthetic_mm.json in exactly the format of DESIGN.md section 8."""
-  assert set(report) == {"dataset", "step", "protocols", "baselines"}
+  """WORKDIR/eval/synthetic_mm.json in exactly the format of DESIGN.md section 8, with the
+  synthetic set's per-condition entries (mmreid_jax/scene_analysis.py)."""
+  assert set(report) == {"dataset", "step", "protocols", "baselines", "conditions",
+                         "modal_weights_by_condition", "modality_share_by_condition"}
+  assert list(report["conditions"]) == ["clear"]  # the tiny set is all clear
+  assert report["conditions"]["clear"] == report["protocols"]
+  for key in ("modal_weights_by_condition", "modality_share_by_condition"):
+    values = report[key]["clear"]
+    assert list(values) == list(MODALITIES)
+    assert sum(values.values()) == pytest.approx(1.0, abs=1e-5) and min(values.values()) >= 0
   assert report["dataset"] == "synthetic_mm"
   assert report["step"] == step and isinstance(report["step"], int)
   assert set(report["protocols"]) == PROTOCOLS

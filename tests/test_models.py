@@ -20,7 +20,7 @@ from mmreid_jax.models.attention import CrossModalAttention
 from mmreid_jax.models.fusion import MultimodalFusion
 from mmreid_jax.models.layers import (DotConv, MaskedBatchNorm, PhaseGradConv, ShiftGradConv,
                                       horizontal_stripes)
-from mmreid_jax.models.reid import MultimodalReID
+from mmreid_jax.models.reid import IMAGENET_MEAN, IMAGENET_STD, MultimodalReID
 from mmreid_jax.models.resnet import ResNet
 
 EPS = 1e-5
@@ -663,3 +663,50 @@ def test_reid_absent_slots_do_not_leak(reid_case, train: bool):
     _, stats_c = run(variables, changed, present, key)
     assert not np.allclose(stats_a["shared"]["layer4_1"]["bn2"]["mean"],
                            stats_c["shared"]["layer4_1"]["bn2"]["mean"], rtol=1e-5, atol=1e-6)
+
+
+def test_reid_repeated_modality_stem_pools_views_in_one_batch():
+  """CAJ's second RGB view (slots (0, 1, 0)): stem_0 runs once on both views stacked on the
+  batch axis, so its BatchNorm statistics equal one standalone stem update on the pooled views
+  (absent views left out), not two updates in a row."""
+  rng = np.random.default_rng(4)
+  modalities = (0, 1, 0)
+  # CAJ's network is AGW's switches (no cross-modal attention, whose per-modality channel MLPs
+  # take one slot per modality).
+  model = MultimodalReID(**REID_KW, attention=False, embedding="gem", classifier="linear")
+  images = rng.integers(0, 256, (2, 3, 32, 16, 3)).astype(np.float32)
+  present = np.array([[True, True, True], [True, False, False]])
+  variables = numpy_init(model, rng, images, np.ones((2, 3), bool), (0, 1, 2))
+  stats = jax.jit(lambda v, x, p: model.apply(v, x, p, modalities, train=True,
+                                              mutable=["batch_stats"])[1]["batch_stats"])(
+                                                  variables, images, present)
+
+  stem = ResNet(depth=18, width=8, last_stride=1, first_stage=0, last_stage=0)
+  normalised = (images - IMAGENET_MEAN) / IMAGENET_STD
+
+  @jax.jit
+  def stem_update(stem_stats: dict, x: np.ndarray, mask: np.ndarray) -> dict:
+    """stem_0's batch_stats after one train-mode call on x (N, H, W, 3) with presence (N,)."""
+    _, updates = stem.apply({"params": variables["params"]["stem_0"],
+                             "batch_stats": stem_stats}, x, True, mask,
+                            mutable=["batch_stats"])
+    return updates["batch_stats"]
+
+  old = variables["batch_stats"]["stem_0"]
+  pooled = stem_update(old, np.concatenate([normalised[:, 0], normalised[:, 2]]),
+                       np.concatenate([present[:, 0], present[:, 2]]))
+  sequential = stem_update(stem_update(old, normalised[:, 0], present[:, 0]),
+                           normalised[:, 2], present[:, 2])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               stats["stem_0"], pooled)
+  # Two calls in a row would give other statistics: the comparison can fail.
+  gap = np.abs(np.asarray(sequential["bn1"]["mean"]) - np.asarray(pooled["bn1"]["mean"]))
+  assert np.max(gap) > 1e-2, gap
+  # stem_1 (one slot) is updated once by its own slot, as before.
+  single = jax.jit(lambda s, x, m: stem.apply(
+      {"params": variables["params"]["stem_1"], "batch_stats": s}, x, True, m,
+      mutable=["batch_stats"])[1]["batch_stats"])(
+          variables["batch_stats"]["stem_1"], normalised[:, 1], present[:, 1])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               stats["stem_1"], single)
+  jax.tree.map(np.testing.assert_array_equal, stats["stem_2"], variables["batch_stats"]["stem_2"])

@@ -309,15 +309,26 @@ def test_sysu_protocols_follow_the_draw(sysu_file_tree):
 
 def test_synthetic_protocols_one_trial_market_rule():
   names = ("rgb", "ir", "depth")
-  query = image_set(["a", "b", "c"], [0, 0, 0], [0, 0, 0], [0, 1, 2], names=names)
-  gallery = image_set(["d", "e", "f", "g"], [0] * 4, [1] * 4, [2, 1, 0, 0], names=names)
+  query = image_set(["a", "b", "c"], [0, 0, 0], [0, 0, 0], [0, 1, 2], [5, 5, 5], names=names)
+  gallery = image_set(["d", "e", "f", "g"], [0] * 4, [1] * 4, [2, 1, 0, 0], [8, 8, 8, 9],
+                      names=names)
   protocols = {p.name: p for p in evaluate.synthetic_protocols(query, gallery)}
-  assert list(protocols) == ["rgb->ir", "rgb->depth", "ir->rgb", "ir->depth", "depth->rgb",
-                             "depth->ir", "all"]
+  assert list(protocols) == [
+      "rgb->ir", "rgb->depth", "ir->rgb", "ir->depth", "depth->rgb", "depth->ir", "all",
+      "fused/all", "fused/missing-rgb", "fused/missing-ir", "fused/missing-depth",
+      "fused/missing-rgb+ir", "fused/missing-rgb+depth", "fused/missing-ir+depth"]
   assert all(p.rule == "market" and len(p.gallery_trials) == 1 for p in protocols.values())
   np.testing.assert_array_equal(protocols["ir->rgb"].query_rows, [1])
   np.testing.assert_array_equal(protocols["ir->rgb"].gallery_trials[0], [2, 3])
   np.testing.assert_array_equal(protocols["all"].gallery_trials[0], range(4))
+  # Fused retrieval: one row per capture (its first row), embedded with the setting's modalities.
+  for name, present in (("fused/all", (0, 1, 2)), ("fused/missing-ir", (0, 2)),
+                        ("fused/missing-rgb+depth", (1,))):
+    protocol = protocols[name]
+    assert protocol.query_modalities == protocol.gallery_modalities == present
+    np.testing.assert_array_equal(protocol.query_rows, [0])
+    np.testing.assert_array_equal(protocol.gallery_trials[0], [0, 3])
+  assert protocols["ir->rgb"].query_modalities is None
 
 
 def test_regdb_protocols_are_both_directions_without_camera_filter():

@@ -9,6 +9,7 @@ Eight devices need a fresh process (`--xla_force_host_platform_device_count`), r
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -303,6 +305,73 @@ def test_generator_update_leaves_discriminator_untouched_and_vice_versa(tiny, se
   assert moved > 20 * 1e-6
 
 
+LOSS_TERMS = ("cross_entropy", "triplet", "center", "consistency", "reconstruction")
+
+
+def weighted_step(tiny: SimpleNamespace, **weights: float) -> Callable:
+  """`train.train_step` of the tiny model, jitted, with the loss weights of LOSS_TERMS replaced
+  by `weights` (0 where not given)."""
+  loss_config = ml_collections.ConfigDict(tiny.config.loss.to_dict())
+  for term in LOSS_TERMS:
+    loss_config[term] = weights.get(term, 0.0)
+  schedule = optax.constant_schedule(0.0)  # logged only
+  return jax.jit(functools.partial(
+      train.train_step, model=tiny.trainer.model, discriminator=tiny.trainer.discriminator,
+      loss_config=loss_config, schedules=(schedule, schedule)))
+
+
+def test_consistency_term_pushes_discriminator_towards_uniform(tiny: SimpleNamespace):
+  """With only the consistency weight on, one plain SGD step of the generator lowers the
+  confusion loss (cross-entropy against the uniform distribution) of the OLD discriminator on
+  the same batch and mask draws, by about lr * |gradient|^2 (first order)."""
+  lr = 1e-4  # first order holds (drop / (lr |g|^2) was 1.01; 0.54 at lr 3e-3)
+  tx, _ = train.make_optimizer(ml_collections.ConfigDict({
+      "name": "sgd", "base_learning_rate": lr, "scale_by_batch": False, "warmup_steps": 0,
+      "schedule": "constant", "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}), 8, 10)
+  state = tiny.after_one.replace(tx=tx, opt_state=tx.init(tiny.after_one.params))
+  batch = tiny.batches[1]
+  new_state, metrics = jax.device_get(weighted_step(tiny, consistency=1.0)(state, batch))
+  assert {k for k in metrics if k.startswith("loss/")} == {
+      "loss/total", "loss/consistency", "loss/discriminator"}
+  model, discriminator = tiny.trainer.model, tiny.trainer.discriminator
+
+  @jax.jit
+  def confusion(params: Any, rng: jax.Array) -> jax.Array:
+    """Mean over present slots of -(1/M) sum_m log softmax(D_old(features))_m, features of the
+    model in train mode (batch statistics of this batch, branch-3 mask drawn from `rng`)."""
+    outputs, _ = model.apply({"params": params, "batch_stats": state.batch_stats},
+                             batch["images"], batch["present"], (0, 1, 2), train=True,
+                             rngs={"mask": rng}, mutable=["batch_stats"])
+    features = outputs["features"].reshape(-1, outputs["features"].shape[-1])
+    log_p = jax.nn.log_softmax(discriminator.apply({"params": state.disc_params}, features))
+    valid = outputs["present"].reshape(-1)
+    return jnp.sum(jnp.where(valid, -jnp.mean(log_p, axis=-1), 0.0)) / jnp.sum(valid)
+
+  rng = jax.random.fold_in(jnp.asarray(state.rng), jnp.asarray(state.step))  # the step's draws
+  before = float(confusion(state.params, rng))
+  after = float(confusion(new_state.params, rng))
+  np.testing.assert_allclose(before, metrics["loss/consistency"], rtol=1e-5)
+  assert tree_changed(new_state.params, state.params)
+  expected_drop = lr * metrics["norm/gradients"] ** 2
+  assert expected_drop > 1e-4 * before, (expected_drop, before)  # well above float32 noise
+  assert after < before, (before, after)
+  assert 0.8 * expected_drop < before - after < 1.2 * expected_drop, (
+      before, after, expected_drop)
+
+
+def test_total_loss_is_weighted_sum_of_terms(tiny: SimpleNamespace):
+  """The metric loss/total equals sum over terms of weight * loss/<term>, with weights that
+  differ from each other and from 1 (a dropped term or a wrong weight shows)."""
+  weights = {"cross_entropy": 0.7, "triplet": 0.3, "center": 0.05, "consistency": 0.2,
+             "reconstruction": 0.4}
+  _, metrics = jax.device_get(weighted_step(tiny, **weights)(tiny.after_one, tiny.batches[1]))
+  contributions = {term: w * float(metrics[f"loss/{term}"]) for term, w in weights.items()}
+  total = float(metrics["loss/total"])
+  # Every term weighs in far above the tolerance, so leaving one out cannot pass.
+  assert min(abs(c) for c in contributions.values()) > 1e-4 * abs(total), contributions
+  np.testing.assert_allclose(total, sum(contributions.values()), rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- learning
 
 
@@ -355,6 +424,51 @@ def test_gradient_clipping_option():
   assert float(schedule(3)) == 0.5
   np.testing.assert_allclose(optax.tree.norm(updates), 0.5, rtol=1e-6)  # lr x clipped norm 1
   np.testing.assert_allclose(updates["w"], -0.25, rtol=1e-6)
+
+
+# Leaf names weight decay applies to (docs/design.md): convolution and dense kernels, the
+# fusion's stripe projections and the classifier's class weights; nothing else (not BatchNorm
+# scales, biases, the fusion's `corr_bias` and `corr_pair_logits`, nor the scalars).
+DECAYED_NAMES = ("kernel", "corr_left", "corr_right", "weights")
+
+
+def test_weight_decay_applies_to_kernels_only():
+  """On the tiny preset's network and discriminator, the weight-decay mask holds exactly the
+  parameters whose name is in DECAYED_NAMES, and those are what the optimizers' weight decay
+  moves (from zero gradients)."""
+  config = load_config("tiny", "unused")
+  model, discriminator = train.build_model(config, num_classes=8, num_modalities=3)
+  variables = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.key(0), "mask": jax.random.key(1)},
+      jnp.zeros((2, 3, 32, 16, 3), jnp.uint8), jnp.ones((2, 3), bool), (0, 1, 2)))
+  disc = jax.eval_shape(lambda: discriminator.init(jax.random.key(0),
+                                                   jnp.zeros((1, model.embedding_dim))))
+  params = {"model": variables["params"], "discriminator": disc["params"]}
+  params = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), params)
+  ranks = {train.parameter_path(path): leaf.ndim
+           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  expected = {p for p in ranks if p.split("/")[-1] in DECAYED_NAMES}
+  # The rule is not vacuous: these exist, with ndim > 1, and are left alone.
+  for kept in ("model/fusion/corr_bias", "model/fusion/corr_pair_logits"):
+    assert ranks[kept] > 1 and kept not in expected
+  assert {"model/fusion/corr_left", "model/classifier/weights"} <= expected
+
+  mask = train._weight_decay_mask(params)
+  decayed = {train.parameter_path(path) for path, flag in
+             jax.tree_util.tree_leaves_with_path(mask) if flag}
+  assert decayed == expected, (sorted(decayed - expected), sorted(expected - decayed))
+  # And the optimizers use that mask ("adam" as "sgd": decayed weights added to the gradients):
+  # zero gradients move exactly the decayed parameters.
+  for name in ("sgd", "adamw"):
+    optim = ml_collections.ConfigDict({
+        "name": name, "base_learning_rate": 0.1, "scale_by_batch": False, "warmup_steps": 0,
+        "schedule": "constant", "momentum": 0.0, "weight_decay": 0.01})
+    tx, _ = train.make_optimizer(optim, 8, 10)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params),
+                                    params)
+    moved = {train.parameter_path(path) for path, u in
+             jax.tree_util.tree_leaves_with_path(updates) if np.any(np.asarray(u) != 0)}
+    assert moved == expected, (name, sorted(moved - expected), sorted(expected - moved))
 
 
 # ------------------------------------------------------------------------ checkpoints

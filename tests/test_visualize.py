@@ -32,6 +32,9 @@ pytestmark = pytest.mark.xdist_group("training")
 DIRECTIONS = ("rgb->ir", "rgb->depth", "ir->rgb", "ir->depth", "depth->rgb", "depth->ir")
 PICTURES = (["cmc.png", "modal_weights.png", "embedding_map.png"]
             + [f"grid_{visualize.file_stem(d)}.png" for d in DIRECTIONS])
+# What an evaluation of the synthetic set adds: the fused protocol's grid and the modalities per
+# scene condition.
+SYNTHETIC_PICTURES = PICTURES + ["grid_fused_all.png", "modal_weights_by_condition.png"]
 
 
 def load_config(preset: str, data_dir: str | None = None) -> ml_collections.ConfigDict:
@@ -296,9 +299,10 @@ def evaluated(tfds_data_dir: str, jax_cache_dir: str, tmp_path_factory: pytest.T
 
 
 def test_evaluate_writes_every_picture(evaluated):
-  assert set(evaluated.report) == {"dataset", "step", "protocols", "baselines"}
+  assert set(evaluated.report) == {"dataset", "step", "protocols", "baselines", "conditions",
+                                   "modal_weights_by_condition", "modality_share_by_condition"}
   assert evaluated.report["step"] == 6
-  for name in PICTURES:
+  for name in SYNTHETIC_PICTURES:
     with Image.open(evaluated.eval_dir / name) as image:
       assert image.format == "PNG" and image.mode == "RGB"
       assert image.width > 200 and image.height > 200, name
@@ -357,11 +361,51 @@ def test_grids_show_the_ranking_the_metrics_count(evaluated, tiny_synthetic):
     assert entry["mINP"] == pytest.approx(np.mean(inps), abs=1e-9)
 
 
+def test_fused_grid_shows_captures_ranked_as_the_metrics_count(evaluated, tiny_synthetic):
+  """grid_fused_all: every query capture of the tiny set (its three modalities side by side)
+  with its whole kept gallery of captures; frames green exactly on the query's identity, and the
+  report's fused/all Rank-1 and mAP follow from the grid's ranking."""
+  query = datasets.load_split(tiny_synthetic, "query")
+  gallery = datasets.load_split(tiny_synthetic, "gallery")
+  grid = json.loads((evaluated.eval_dir / "grid_fused_all.json").read_text())
+  with Image.open(evaluated.eval_dir / "grid_fused_all.png") as image:
+    pixels = np.asarray(image)
+  captures = lambda image_set: {int(t): np.flatnonzero(image_set.tuple_ids == t)[0]
+                                for t in np.unique(image_set.tuple_ids)}
+  q_rows, g_rows = captures(query), captures(gallery)
+  assert grid["protocol"] == "fused/all"
+  assert sorted(q["row"] for q in grid["queries"]) == sorted(q_rows.values())
+  border = grid["border"]
+  tile_width = 3 * 16 + 2 * border
+  first_hits, aps = [], []
+  for entry in grid["queries"]:
+    q = entry["row"]
+    assert entry["modality"] == "rgb+ir+depth" and entry["condition"] == "clear"
+    assert sum(entry["modal_weight"].values()) == pytest.approx(1.0, abs=1e-5)
+    kept = [g for g in g_rows.values()
+            if not (gallery.pids[g] == query.pids[q] and gallery.camids[g] == query.camids[q])]
+    assert sorted(item["row"] for item in entry["gallery"]) == sorted(kept)
+    correct = []
+    for item in entry["gallery"]:
+      assert item["correct"] == (gallery.pids[item["row"]] == query.pids[q])
+      for pixel in frame_pixels(pixels, item["box"], border, tile_width):
+        assert close_to(pixel, visualize.frame_color(item["correct"])), (q, item, pixel)
+      correct.append(item["correct"])
+    hits = np.flatnonzero(correct) + 1
+    first_hits.append(hits[0])
+    aps.append(np.mean(np.arange(1, len(hits) + 1) / hits))
+  entry = evaluated.report["protocols"]["fused/all"]
+  assert entry["rank1"] == pytest.approx(np.mean(np.array(first_hits) <= 1), abs=1e-12)
+  assert entry["mAP"] == pytest.approx(np.mean(aps), abs=1e-9)
+  # Every capture of the tiny set is clear: the per-condition entry is the whole protocol.
+  assert evaluated.report["conditions"]["clear"]["fused/all"] == entry
+
+
 def test_index_html_shows_every_picture_and_the_report(evaluated):
   page = (evaluated.eval_dir / "index.html").read_text()
   sources = set(re.findall(r'<img src="([^"]+)"', page))
   pngs = {p.name for p in evaluated.eval_dir.glob("*.png")}
-  assert sources == pngs == set(PICTURES)
+  assert sources == pngs == set(SYNTHETIC_PICTURES)
   assert "http" not in page and "<script" not in page
   for name, entry in evaluated.report["protocols"].items():
     assert f"<th>{name.replace('>', '&gt;')}</th>" in page
@@ -381,7 +425,7 @@ def test_pictures_go_to_tensorboard(evaluated):
     for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
       event = event_pb2.Event.FromString(record)
       tags.update(value.tag for value in event.summary.value)
-  expected = {"pictures/" + name[:-len(".png")] for name in PICTURES}
+  expected = {"pictures/" + name[:-len(".png")] for name in SYNTHETIC_PICTURES}
   assert expected <= tags, sorted(tags)
 
 

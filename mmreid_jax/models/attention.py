@@ -7,6 +7,9 @@ For each present modality m with feature map F_m:
                      A_m = softmax over present modalities of s
   output             F'_m = A_c,m * F_m + A_m(m) * sum_{n != m, present} F_n
 With one modality present A_m = 1 and F'_m = A_c,m * F_m. Absent modalities get F' = 0.
+A sample marked `isolated` has each slot attend to itself only (A_m = 1, F'_m = A_c,m * F_m for
+every present slot): the embedding a slot would get if its modality were the only one present,
+computed for all slots at once (training's alone views, `reid.MultimodalReID.train_alone_views`).
 """
 
 from __future__ import annotations
@@ -38,25 +41,29 @@ class CrossModalAttention(nn.Module):
     reduction: channel-attention reduction r.
     attention_dim: width d of the shared query/key projections.
     dtype: compute dtype.
+    modal: the modal attention (False: F'_m = A_c,m * F_m for every slot, no exchange between
+      slots and no modal weights; the channel attention alone).
   """
 
   reduction: int = 16
   attention_dim: int = 64
   dtype: Any = jnp.float32
+  modal: bool = True
 
   @nn.compact
-  def __call__(self, features: jax.Array, present: jax.Array,
-               modalities: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, features: jax.Array, present: jax.Array, modalities: tuple[int, ...],
+               isolated: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Attends over slots.
 
     Args:
       features: (B, S, h, w, C), slot s holding modality `modalities[s]`.
       present: (B, S) bool.
       modalities: the dataset modality index of each slot (static).
+      isolated: (B,) bool, samples whose slots each attend to themselves only; None: none.
 
     Returns:
       F' of shape (B, S, h, w, C) and the modal weights A_m of shape (B, S) (float32, zero for
-      absent slots, summing to one over present ones).
+      absent slots, summing to one over present ones; None without the modal attention).
     """
     channels = features.shape[-1]
     hidden = max(channels // self.reduction, 1)
@@ -65,6 +72,10 @@ class CrossModalAttention(nn.Module):
         nn.sigmoid(nn.Dense(channels, name=f"channel_fc2_{modality}")(
             nn.relu(nn.Dense(hidden, name=f"channel_fc1_{modality}")(pooled[:, slot]))))
         for slot, modality in enumerate(modalities)], axis=1)  # (B, S, C)
+    present_f = present.astype(features.dtype)[:, :, None, None, None]
+    if not self.modal:
+      attended = channel_weights.astype(features.dtype)[:, :, None, None, :] * features
+      return attended * present_f, None
 
     query = nn.Dense(self.attention_dim, use_bias=False, name="query")(pooled)
     key = nn.Dense(self.attention_dim, use_bias=False, name="key")(pooled)
@@ -74,10 +85,12 @@ class CrossModalAttention(nn.Module):
     summed = jnp.sum(jnp.where(others, similarity, 0.0), axis=-1)  # (B, S)
     modal_weights = masked_softmax(summed, present)
 
-    present_f = present.astype(features.dtype)[:, :, None, None, None]
     masked_features = features * present_f
     total = jnp.sum(masked_features, axis=1, keepdims=True)
     sum_of_others = total - masked_features
+    if isolated is not None:
+      modal_weights = jnp.where(isolated[:, None], present.astype(jnp.float32), modal_weights)
+      sum_of_others = jnp.where(isolated[:, None, None, None, None], 0, sum_of_others)
     enhanced = (channel_weights.astype(features.dtype)[:, :, None, None, :] * features
                 + modal_weights.astype(features.dtype)[:, :, None, None, None] * sum_of_others)
     return enhanced * present_f, modal_weights

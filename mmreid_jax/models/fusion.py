@@ -57,7 +57,7 @@ class MultimodalFusion(nn.Module):
 
   @nn.compact
   def __call__(self, features: jax.Array, present: jax.Array, modalities: tuple[int, ...],
-               train: bool) -> dict[str, jax.Array]:
+               train: bool, isolated: jax.Array | None = None) -> dict[str, jax.Array]:
     """Fuses attended features.
 
     Args:
@@ -65,6 +65,8 @@ class MultimodalFusion(nn.Module):
       present: (B, S) bool.
       modalities: dataset modality index of each slot (static).
       train: apply the branch-3 mask (needs the "mask" RNG stream).
+      isolated: (B,) bool, samples whose slots are each fused as if alone (branch 2 of slot m
+        from the pair (m, m) only); None: none.
 
     Returns:
       "embedding": (B, S, 2 * D + P * part_dim) float32, pre-BNNeck;
@@ -101,6 +103,9 @@ class MultimodalFusion(nn.Module):
     correlation = jnp.einsum("bpmn,bmnpd->bpd", pair_weights.astype(self.dtype), pair_features)
     correlation = jnp.broadcast_to(correlation.reshape(batch, 1, -1),
                                    (batch, slots, self.num_stripes * self.part_dim))
+    if isolated is not None:  # alone, slot m's only pair is (m, m), of weight 1
+      own_pair = (left_part + right_part + bias.astype(self.dtype)).reshape(batch, slots, -1)
+      correlation = jnp.where(isolated[:, None, None], own_pair, correlation)
 
     if train:
       rng_p, rng_m = jax.random.split(self.make_rng("mask"))
@@ -174,14 +179,21 @@ class EarlyConcatFusion(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, features: jax.Array, present: jax.Array,
-               modalities: tuple[int, ...]) -> jax.Array:
-    """(B, S, h, w, C) maps and (B, S) presence -> (B, S, D) float32 pre-BNNeck embeddings."""
+  def __call__(self, features: jax.Array, present: jax.Array, modalities: tuple[int, ...],
+               isolated: jax.Array | None = None) -> jax.Array:
+    """(B, S, h, w, C) maps and (B, S) presence -> (B, S, D) float32 pre-BNNeck embeddings;
+    slots of `isolated` (B,) samples are each embedded as if their modality were alone."""
     batch, slots = present.shape
+    projection = nn.Dense(self.embed_dim, dtype=self.dtype, name="early_projection")
     per_modality = _pooled_by_modality(features, present, modalities, self.num_modalities)
-    fused = nn.Dense(self.embed_dim, dtype=self.dtype, name="early_projection")(
-        per_modality.reshape(batch, -1).astype(self.dtype)).astype(jnp.float32)
+    fused = projection(per_modality.reshape(batch, -1).astype(self.dtype)).astype(jnp.float32)
     embedding = jnp.broadcast_to(fused[:, None], (batch, slots, self.embed_dim))
+    if isolated is not None:  # slot s alone: its pooled map in its modality's block, zeros else
+      pooled = global_pool(features.astype(jnp.float32), "avg")  # (B, S, C)
+      blocks = jax.nn.one_hot(jnp.asarray(modalities), self.num_modalities)  # (S, M)
+      alone = jnp.einsum("sm,bsc->bsmc", blocks, pooled).reshape(batch, slots, -1)
+      alone = projection(alone.astype(self.dtype)).astype(jnp.float32)
+      embedding = jnp.where(isolated[:, None, None], alone, embedding)
     return embedding * present.astype(jnp.float32)[..., None]
 
 

@@ -44,50 +44,51 @@ class Embedding:
   """How a slot's pre-BNNeck embedding is made from the (attended) feature maps.
 
   Attributes:
-    apply: (model, maps (B, S, h, w, C), present (B, S), modalities, train) -> (features
-      (B, S, E), extra outputs); it runs inside the model's compact `__call__`, so the
-      submodules it creates are the model's.
+    apply: (model, maps (B, S, h, w, C), present (B, S), modalities, train, isolated (B,) bool
+      or None) -> (features (B, S, E), extra outputs); the slots of an isolated sample are each
+      embedded as if their modality were the only one present. It runs inside the model's
+      compact `__call__`, so the submodules it creates are the model's.
     dim: model -> E.
   """
 
-  apply: Callable[["MultimodalReID", jax.Array, jax.Array, tuple[int, ...], bool],
-                  tuple[jax.Array, dict[str, jax.Array]]]
+  apply: Callable[["MultimodalReID", jax.Array, jax.Array, tuple[int, ...], bool,
+                   jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]]
   dim: Callable[["MultimodalReID"], int]
 
 
 def _fusion_embedding(model: "MultimodalReID", maps: jax.Array, present: jax.Array,
-                      modalities: tuple[int, ...], train: bool
+                      modalities: tuple[int, ...], train: bool, isolated: jax.Array | None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The paper's three-branch fusion; extra outputs are branch 3's reconstruction tensors."""
   fused = MultimodalFusion(model.num_modalities, model.embed_dim, model.num_stripes,
                            model.part_dim, dtype=model.dtype, name="fusion")(
-                               maps, present, modalities, train)
+                               maps, present, modalities, train, isolated)
   features = fused.pop("embedding")
   return features, fused
 
 
 def _gem_embedding(model: "MultimodalReID", maps: jax.Array, present: jax.Array,
-                   modalities: tuple[int, ...], train: bool
+                   modalities: tuple[int, ...], train: bool, isolated: jax.Array | None
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """GeM pooling of the map with exponent `gem_p` (AGW); no extra outputs."""
-  del present, modalities, train
+  """GeM pooling of the map with exponent `gem_p` (AGW), per slot; no extra outputs."""
+  del present, modalities, train, isolated
   return gem_pool(maps, model.gem_p), {}
 
 
 def _concat_embedding(model: "MultimodalReID", maps: jax.Array, present: jax.Array,
-                      modalities: tuple[int, ...], train: bool
+                      modalities: tuple[int, ...], train: bool, isolated: jax.Array | None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Early concatenation of the modalities' pooled maps, projected to D (`EarlyConcatFusion`)."""
   del train
   return EarlyConcatFusion(model.num_modalities, model.embed_dim, dtype=model.dtype,
-                           name="early_fusion")(maps, present, modalities), {}
+                           name="early_fusion")(maps, present, modalities, isolated), {}
 
 
 def _late_embedding(model: "MultimodalReID", maps: jax.Array, present: jax.Array,
-                    modalities: tuple[int, ...], train: bool
+                    modalities: tuple[int, ...], train: bool, isolated: jax.Array | None
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Each slot's pooled map projected to D on its own (`LateFusion`, scores fused at test)."""
-  del train
+  del train, isolated  # every slot is alone already
   return LateFusion(model.embed_dim, dtype=model.dtype, name="late_fusion")(
       maps, present, modalities), {}
 
@@ -113,11 +114,20 @@ class MultimodalReID(nn.Module):
     attention_reduction, attention_dim: cross-modal attention sizes.
     dtype: compute dtype (float32 or bfloat16); parameters are float32.
     attention: apply the cross-modal attention (False: the backbone maps go on as they are).
+    modal_attention: with the attention, its modal part (False: channel attention only, each
+      slot on its own; `attention.CrossModalAttention.modal`).
     embedding: an `EMBEDDINGS` name: "fusion" (the paper), "gem" (GeM pooling), "concat"
       (early concatenation) or "late" (late fusion).
     gem_p: the GeM exponent of `embedding="gem"`.
     non_local: non-local blocks per ResNet stage 1..4 (`resnet.ResNet.non_local`).
     classifier: a `heads.CLASSIFIERS` name, "cosine" (the paper) or "linear".
+    train_alone_views: in training, embed every tuple twice from one backbone pass: fused (the
+      slots of a tuple attend to and fuse with each other) and, for tuples with several
+      modalities, each slot alone (as a single image is embedded at test time); the outputs
+      then hold 2B rows, the fused view first.
+    fused_view_detached: with `train_alone_views`, the fused view's gradient stops at the
+      backbone's maps: the backbone learns from the alone views (the single images retrieval
+      embeds), the attention and fusion from both.
     conv_1x1: "conv" or "dot" (`resnet.ResNet.conv_1x1`: the 1 x 1 convolutions as matmuls,
       faster on a CPU; the same parameters).
     strided_input_grad: "xla" or "phases" (`resnet.ResNet.strided_input_grad`: the stride-2
@@ -139,10 +149,13 @@ class MultimodalReID(nn.Module):
   attention_dim: int = 64
   dtype: Any = jnp.float32
   attention: bool = True
+  modal_attention: bool = True
   embedding: str = "fusion"
   gem_p: float = 3.0
   non_local: tuple[int, ...] = (0, 0, 0, 0)
   classifier: str = "cosine"
+  train_alone_views: bool = False
+  fused_view_detached: bool = False
   conv_1x1: str = "conv"
   strided_input_grad: str = "xla"
   weight_grad_3x3: str = "xla"
@@ -159,11 +172,14 @@ class MultimodalReID(nn.Module):
       train: training mode (batch statistics, branch-3 masking with the "mask" RNG).
 
     Returns:
-      "features": (B, S, E) pre-BNNeck embeddings (metric losses, discriminator);
-      "embeddings": (B, S, E) post-BNNeck embeddings (classifier, retrieval);
+      "features": (R, S, E) pre-BNNeck embeddings (metric losses, discriminator);
+      "embeddings": (R, S, E) post-BNNeck embeddings (classifier, retrieval);
+      "present": (R, S) bool, the slots of those rows that hold an embedding;
       "class_weights": (num_classes, E), and "scale": () for the cosine classifier;
-      "modal_weights": (B, S) with the attention on; and the embedding's extra outputs (the
-      fusion's branch-3 "reconstruction*" tensors of `MultimodalFusion`).
+      "modal_weights": (R, S) with the attention on; and the embedding's extra outputs (the
+      fusion's branch-3 "reconstruction*" tensors of `MultimodalFusion`, (R, S, ...)).
+      R = B, or 2B in training with `train_alone_views` (rows B + i: tuple i's slots alone,
+      present only where tuple i has several modalities).
     """
     if len(modalities) != images.shape[1]:
       raise ValueError(f"{images.shape[1]} image slots but modalities={modalities}.")
@@ -180,8 +196,17 @@ class MultimodalReID(nn.Module):
     stems = {m: ResNet(self.depth, self.width, self.last_stride, 0, self.specific_stages,
                        self.dtype, non_local, **conv_forms, name=f"stem_{m}")
              for m in range(self.num_modalities)}
-    stem_out = jnp.stack([stems[m](x[:, slot], train, present[:, slot])
-                          for slot, m in enumerate(modalities)], axis=1)
+    # The slots of one modality (CAJ's channel-exchanged RGB view) go through its stem in one
+    # call, stacked on the batch axis: its BatchNorm statistics pool the views as one batch.
+    size = x.shape[0]
+    per_slot: list[jax.Array | None] = [None] * len(modalities)
+    for m in dict.fromkeys(modalities):  # in order of first slot
+      held = [slot for slot, n in enumerate(modalities) if n == m]
+      out = stems[m](jnp.concatenate([x[:, slot] for slot in held]), train,
+                     jnp.concatenate([present[:, slot] for slot in held]))
+      for i, slot in enumerate(held):
+        per_slot[slot] = out[i * size:(i + 1) * size]
+    stem_out = jnp.stack(per_slot, axis=1)  # (B, S, h, w, C)
     batch, slots = present.shape
     flat = stem_out.reshape((batch * slots,) + stem_out.shape[2:])
     shared = ResNet(self.depth, self.width, self.last_stride, self.specific_stages + 1, 4,
@@ -189,17 +214,32 @@ class MultimodalReID(nn.Module):
                         flat, train, present.reshape(-1))
     feature_maps = shared.reshape((batch, slots) + shared.shape[1:])
 
-    outputs = {}
+    isolated = None
+    if train and self.train_alone_views:
+      several = jnp.sum(present, axis=1, keepdims=True) > 1  # alone == fused for one modality
+      fused_maps = (jax.lax.stop_gradient(feature_maps) if self.fused_view_detached
+                    else feature_maps)
+      feature_maps = jnp.concatenate([fused_maps, feature_maps])
+      present = jnp.concatenate([present, present & several])
+      isolated = jnp.arange(2 * batch) >= batch
+    outputs = {"present": present}
     if self.attention:
-      feature_maps, outputs["modal_weights"] = CrossModalAttention(
-          self.attention_reduction, self.attention_dim, self.dtype, name="attention")(
-              feature_maps, present, modalities)
+      feature_maps, modal_weights = CrossModalAttention(
+          self.attention_reduction, self.attention_dim, self.dtype, self.modal_attention,
+          name="attention")(feature_maps, present, modalities, isolated)
+      if modal_weights is not None:
+        outputs["modal_weights"] = modal_weights
     features, extra = EMBEDDINGS[self.embedding].apply(self, feature_maps, present, modalities,
-                                                       train)
+                                                       train, isolated)
     embeddings = BNNeck(name="bnneck")(features, present, train)
     classifier = CLASSIFIERS[self.classifier](self.num_classes, name="classifier")
     return {"features": features, "embeddings": embeddings, **classifier(embeddings.shape[-1]),
             **outputs, **extra}
+
+  @property
+  def has_modal_weights(self) -> bool:
+    """Whether outputs hold "modal_weights" (the attention with its modal part)."""
+    return self.attention and self.modal_attention
 
   @property
   def embedding_dim(self) -> int:

@@ -40,6 +40,8 @@ class ImageSet:
     tuple_ids: (N,) int64 capture ids (rows sharing one were captured together), or -1.
     paths: (N,) object array of original relative paths (str).
     modality_names: the dataset's ordered modality list.
+    conditions: (N,) object array of each capture's scene condition (str, the synthetic set's
+      `condition` feature), or None for a dataset without one.
   """
 
   images: np.ndarray
@@ -49,6 +51,7 @@ class ImageSet:
   tuple_ids: np.ndarray
   paths: np.ndarray
   modality_names: tuple[str, ...]
+  conditions: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.pids)
@@ -57,7 +60,8 @@ class ImageSet:
     """The rows `rows` (indices or a boolean mask) as a new ImageSet."""
     return ImageSet(self.images[rows], self.pids[rows], self.camids[rows],
                     self.modalities[rows], self.tuple_ids[rows], self.paths[rows],
-                    self.modality_names)
+                    self.modality_names,
+                    None if self.conditions is None else self.conditions[rows])
 
 
 def get_builder(name: str, data_dir: str | None = None, **options) -> tfds.core.DatasetBuilder:
@@ -116,12 +120,17 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str) -> ImageSet:
                      f"splits: {sorted(builder.info.splits)}.")
   dataset = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()},
                                shuffle_files=False)
-  columns: dict[str, list] = {k: [] for k in ("image", "pid", "camid", "modality", "tuple_id",
-                                             "path")}
+  keys = ["image", "pid", "camid", "modality", "tuple_id", "path"]
+  has_conditions = "condition" in builder.info.features
+  if has_conditions:
+    keys.append("condition")
+  columns: dict[str, list] = {k: [] for k in keys}
   for example in dataset.as_numpy_iterator():
     for key, values in columns.items():
       values.append(example.get(key, -1))
-  columns["path"] = [p.decode() if isinstance(p, bytes) else str(p) for p in columns["path"]]
+  for key in ("path", "condition"):
+    if key in columns:
+      columns[key] = [v.decode() if isinstance(v, bytes) else str(v) for v in columns[key]]
   order = np.argsort(np.array(columns["path"], dtype=object).astype(str), kind="stable")
 
   def column(key: str, dtype) -> np.ndarray:
@@ -134,4 +143,5 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str) -> ImageSet:
   return ImageSet(images=column("image", object), pids=column("pid", np.int64),
                   camids=column("camid", np.int64), modalities=column("modality", np.int64),
                   tuple_ids=column("tuple_id", np.int64), paths=column("path", object),
-                  modality_names=tuple(builder.MODALITIES))
+                  modality_names=tuple(builder.MODALITIES),
+                  conditions=column("condition", object) if has_conditions else None)

@@ -17,11 +17,28 @@ A tuple is a pixel-aligned capture of the same instant by one camera in all thre
 (same pose, scale and position). ``difficulty`` in [0, 1] scales every nuisance: noise,
 illumination range, background clutter, position and scale jitter, and the chance of an
 inverted infrared polarity.
+
+Each capture also has a scene condition (`CONDITIONS`), in which one sensor fails as it does
+outdoors, the others unchanged:
+
+- ``clear``: the rendering above.
+- ``night``: RGB dark (white at 15-30% of the range), shot noise of 6 to 15 photons at
+  white, a sixth of the colour saturation, read noise.
+- ``overexposed``: RGB with a gain of 2.5 to 4 and a veil of glare: most colours saturate.
+- ``thermal_crossover``: the surroundings as warm as the body; the infrared contrast of the
+  person against the background falls to 4-12% of its clear value, under the sensor noise.
+- ``depth_dropout``: a structured-light depth map: holes in the projector's shadow beside the
+  silhouette, in blobs and on far surfaces, range noise growing with the squared distance,
+  coarse disparity steps.
+- ``occluded``: a low barrier over the lower body or a pillar across it, at the same pixels in
+  every modality: a coloured object in RGB, at ambient temperature in infrared, nearer than the
+  person in depth.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -30,6 +47,114 @@ MODALITIES: tuple[str, ...] = ("rgb", "ir", "depth")
 _NUM_UPPER_PATTERNS = 6
 _NUM_LOWER_PATTERNS = 3
 _NUM_OBJECTS = 5  # none, backpack, bag on the left, bag on the right, hat
+
+# Scene conditions of a capture, and the modality each one degrades (None: all alike).
+CONDITIONS: tuple[str, ...] = ("clear", "night", "overexposed", "thermal_crossover",
+                               "depth_dropout", "occluded")
+DEGRADED_MODALITY: dict[str, str | None] = {
+    "clear": None, "night": "rgb", "overexposed": "rgb", "thermal_crossover": "ir",
+    "depth_dropout": "depth", "occluded": None}
+
+
+def check_conditions(mix: Mapping[str, float], where: str) -> tuple[tuple[str, float], ...]:
+  """A mix of scene conditions as sorted (name, probability) pairs, checked.
+
+  Args:
+    mix: {condition name: probability}.
+    where: what to name in an error (e.g. "config.data.conditions").
+
+  Raises:
+    ValueError: an unknown name, a negative probability, or probabilities that do not sum to 1.
+  """
+  unknown = sorted(set(mix) - set(CONDITIONS))
+  if unknown:
+    raise ValueError(f"{where}: unknown scene condition(s) {unknown}; expected names among "
+                     f"{list(CONDITIONS)}.")
+  if not mix or any(float(p) < 0 for p in mix.values()):
+    raise ValueError(f"{where}={dict(mix)}: expected non-negative probabilities of conditions "
+                     f"among {list(CONDITIONS)}.")
+  total = sum(float(p) for p in mix.values())
+  if abs(total - 1.0) > 1e-6:
+    raise ValueError(f"{where}={dict(mix)}: the probabilities sum to {total:.6g}, expected 1 "
+                     f"(conditions: {list(CONDITIONS)}).")
+  return tuple((name, float(mix[name])) for name in CONDITIONS if name in mix)
+
+
+def draw_condition(mix: Sequence[tuple[str, float]], rng: np.random.Generator) -> str:
+  """One condition drawn from `mix` ((name, probability) pairs, `check_conditions`)."""
+  if len(mix) == 1:
+    return mix[0][0]
+  names = [name for name, _ in mix]
+  probabilities = np.array([p for _, p in mix])
+  return names[int(rng.choice(len(names), p=probabilities / probabilities.sum()))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Occluder:
+  """An object between the camera and the person, the same pixels in every modality.
+
+  Attributes:
+    mask: (H, W) bool, the pixels it hides.
+    color: (3,) its RGB reflectance.
+    shading: (H, W) a soft gradient over it (texture, in every modality).
+    nearer: how much nearer the camera than the person it stands (depth units).
+  """
+
+  mask: np.ndarray
+  color: np.ndarray
+  shading: np.ndarray
+  nearer: float
+
+
+def _occluder(rng: np.random.Generator, y: np.ndarray, x: np.ndarray, top: float, feet: float,
+              center_x: float, half_w: float) -> Occluder:
+  """A low barrier hiding the lower body (a bench, a car) or a pillar across part of it."""
+  if rng.random() < 0.5:
+    edge = top + rng.uniform(0.45, 0.7) * (feet - top)
+    mask = y >= edge
+    shading = 0.8 + 0.2 * np.cos(x * rng.uniform(8, 20))
+  else:
+    band = rng.uniform(0.5, 0.9) * half_w
+    middle = center_x + rng.uniform(-0.8, 0.8) * half_w
+    mask = np.abs(x - middle) < band
+    shading = 0.8 + 0.2 * np.cos(y * rng.uniform(8, 20))
+  return Occluder(mask=mask, color=rng.uniform(0.15, 0.85, size=3), shading=shading,
+                  nearer=float(rng.uniform(0.15, 0.3)))
+
+
+def _night(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """A dark RGB exposure: few photons per pixel (shot noise), little colour, read noise."""
+  grey = rgb.mean(axis=-1, keepdims=True)
+  faint_colour = grey + 0.15 * (rgb - grey)
+  photons = rng.uniform(6.0, 15.0)  # expected photo-electrons of a white pixel
+  level = rng.uniform(0.15, 0.3)  # the exposure's brightest value
+  counts = rng.poisson(np.clip(faint_colour, 0, None) * photons)
+  return counts / photons * level + rng.normal(0, 0.015, rgb.shape)
+
+
+def _overexposed(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """RGB against the light: a gain that saturates most colours and a veil of glare."""
+  return rgb * rng.uniform(2.5, 4.0) + rng.uniform(0.15, 0.35)
+
+
+def _depth_dropout(depth: np.ndarray, person: np.ndarray, y: np.ndarray, x: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+  """A structured-light depth map: holes (no reading, 0) in the projector's shadow beside the
+  silhouette, in blobs where the pattern is lost, and on far surfaces; range noise growing with
+  the square of the distance; coarse disparity steps."""
+  height, width = depth.shape
+  shift = max(1, int(round(width * rng.uniform(0.04, 0.1))))
+  shadow = np.roll(person, shift if rng.random() < 0.5 else -shift, axis=1) & ~person
+  blobs = np.zeros_like(person)
+  for _ in range(int(rng.integers(3, 7))):
+    cy, cx = rng.uniform(0, 1, size=2)
+    ry, rx = rng.uniform(0.04, 0.14, size=2)
+    blobs |= ((y - cy) / ry) ** 2 + ((x - cx) / (rx * height / width)) ** 2 < 1
+  far = (depth < 0.2) & (rng.random(depth.shape) < 0.3)
+  distance = 1.0 - np.clip(depth, 0, 1)
+  noisy = depth + rng.normal(0, 1, depth.shape) * (0.01 + 0.08 * distance ** 2)
+  stepped = np.round(noisy * 24) / 24
+  return np.where(shadow | blobs | far, 0.0, stepped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,13 +252,27 @@ def _pattern(kind: int, u: np.ndarray, v: np.ndarray, period: float, phase: floa
 
 
 def render_tuple(identity: Identity, camera: Camera, height: int, width: int,
-                 rng: np.random.Generator, difficulty: float) -> dict[str, np.ndarray]:
-  """Renders one pixel-aligned capture of `identity` by `camera`.
+                 rng: np.random.Generator, difficulty: float, condition: str = "clear",
+                 condition_rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+  """Renders one pixel-aligned capture of `identity` by `camera` in scene `condition`.
+
+  Args:
+    identity, camera: what is seen and by which camera.
+    height, width: image size.
+    rng: the capture's pose and sensor noise.
+    difficulty: nuisance strength in [0, 1].
+    condition: a `CONDITIONS` name; "clear" renders every modality as it always has.
+    condition_rng: the condition's own random numbers (needed unless "clear"); `rng` is drawn
+      from as in a clear scene, so the modalities a condition leaves alone are the clear ones.
 
   Returns:
     A dict from modality name to a uint8 image of shape (height, width, 3); infrared and depth
     are grey images replicated over the three channels.
   """
+  if condition not in CONDITIONS:
+    raise ValueError(f"Unknown scene condition {condition!r}; expected one of {CONDITIONS}.")
+  if condition != "clear" and condition_rng is None:
+    raise ValueError(f"Scene condition {condition!r} needs condition_rng.")
   jitter = 0.04 + 0.10 * difficulty
   scale = camera.scale * rng.uniform(1 - jitter, 1 + jitter)
   center_x = 0.5 + rng.uniform(-jitter, jitter)
@@ -180,6 +319,10 @@ def render_tuple(identity: Identity, camera: Camera, height: int, width: int,
   skin = head | leg_skin
 
   noise_sigma = 0.02 + 0.06 * difficulty
+  # A scene condition draws its own numbers from `condition_rng`: `rng` is consumed exactly as
+  # in a clear scene, so the modalities a condition leaves alone render as they would in one.
+  occluder = (_occluder(condition_rng, y, x, top, feet, center_x, half_w)
+              if condition == "occluded" else None)
 
   # RGB: colours on a camera background under this image's light.
   bg_t = y[..., None]
@@ -192,18 +335,34 @@ def render_tuple(identity: Identity, camera: Camera, height: int, width: int,
   rgb = np.where(lower_cloth[..., None], lower_rgb, rgb)
   rgb = np.where(skin[..., None], identity.skin, rgb)
   rgb = np.where(carried[..., None], np.array([0.25, 0.2, 0.15]), rgb)
+  if occluder is not None:
+    rgb = np.where(occluder.mask[..., None], occluder.color * occluder.shading[..., None], rgb)
   light_range = 0.15 + 0.35 * difficulty
   light = camera.light * rng.uniform(1 - light_range, 1 + light_range)
   cast = 1 + rng.uniform(-0.5, 0.5, size=3) * light_range
-  rgb = rgb * light * cast + rng.normal(0, noise_sigma, rgb.shape)
+  rgb = rgb * light * cast
+  rgb_noise = rng.normal(0, noise_sigma, rgb.shape)
+  if condition == "night":
+    rgb = _night(rgb, condition_rng)
+  elif condition == "overexposed":
+    rgb = _overexposed(rgb, condition_rng) + rgb_noise
+  else:
+    rgb = rgb + rgb_noise
 
   # Infrared: heat, no colour; the pattern is a weak thermal texture.
-  ir = camera.ir_background + 0.15 * y + rng.normal(0, 0.04, size=1) * difficulty
+  ambient = camera.ir_background + 0.15 * y + rng.normal(0, 0.04, size=1) * difficulty
   upper_heat, lower_heat = rng.uniform(0.35, 0.75, size=2)
-  ir = np.where(upper, upper_heat + 0.3 * (upper_pat - 0.5), ir)
+  ir = np.where(upper, upper_heat + 0.3 * (upper_pat - 0.5), ambient)
   ir = np.where(lower_cloth, lower_heat + 0.3 * (lower_pat - 0.5), ir)
   ir = np.where(skin, 0.95, ir)
   ir = np.where(carried, 0.25, ir)
+  if condition == "thermal_crossover":
+    # The surroundings are as warm as the body: what differs from the background is scaled to
+    # a few per cent, under the sensor noise.
+    contrast = condition_rng.uniform(0.04, 0.12)
+    ir = np.where(person, ambient + contrast * (ir - ambient), ir)
+  if occluder is not None:  # an unheated object at the surroundings' temperature
+    ir = np.where(occluder.mask, ambient + 0.05 * occluder.shading, ir)
   if camera.ir_inverted:
     ir = 1.0 - ir
   ir = ir + rng.normal(0, noise_sigma, ir.shape)
@@ -216,7 +375,11 @@ def render_tuple(identity: Identity, camera: Camera, height: int, width: int,
   relief = 0.1 * np.where(upper, upper_pat, np.where(lower_cloth, lower_pat, 0.0))
   depth = np.where(person, body_relief + relief, depth)
   depth = np.where(carried, distance + 0.2, depth)
+  if occluder is not None:  # in front of the person: nearer, so brighter
+    depth = np.where(occluder.mask, distance + occluder.nearer, depth)
   depth = depth + rng.normal(0, noise_sigma, depth.shape)
+  if condition == "depth_dropout":
+    depth = _depth_dropout(depth, person, y, x, condition_rng)
 
   def to_uint8(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
@@ -236,16 +399,21 @@ class SyntheticRecord:
   modality: int
   tuple_id: int
   path: str
+  condition: str = "clear"
 
 
 def generate_split(pids: range, num_cameras: int, tuples_per_camera: int, height: int,
                    width: int, seed: int, difficulty: float,
-                   tuple_filter=lambda tuple_index: True):
+                   tuple_filter=lambda tuple_index: True,
+                   conditions: Sequence[tuple[str, float]] = (("clear", 1.0),)):
   """Yields the records of the identities `pids`, deterministic for (seed, pid, camera, tuple).
 
   Identity attributes depend on (seed, pid) only, camera nuisances on (seed, camera) only, and
   each tuple's pose and noise on (seed, pid, camera, tuple index), so a split renders the same
-  way whatever other splits or orders are generated.
+  way whatever other splits or orders are generated. Each capture's scene condition is drawn
+  from `conditions` ((name, probability) pairs, `check_conditions`) with a generator of its own,
+  seeded by (seed, pid, camera, tuple index), which also draws the condition's degradation; a
+  clear capture is the same whatever the mix.
   """
   cameras = [sample_camera(np.random.default_rng([seed, 1, c]), difficulty)
              for c in range(num_cameras)]
@@ -256,9 +424,12 @@ def generate_split(pids: range, num_cameras: int, tuples_per_camera: int, height
         if not tuple_filter(t):
           continue
         rng = np.random.default_rng([seed, 2, pid, camid, t])
-        images = render_tuple(identity, camera, height, width, rng, difficulty)
+        condition_rng = np.random.default_rng([seed, 3, pid, camid, t])
+        condition = draw_condition(conditions, condition_rng)
+        images = render_tuple(identity, camera, height, width, rng, difficulty, condition,
+                              condition_rng)
         tuple_id = (pid * num_cameras + camid) * tuples_per_camera + t
         for modality, name in enumerate(MODALITIES):
           yield SyntheticRecord(
               image=images[name], pid=pid, camid=camid, modality=modality, tuple_id=tuple_id,
-              path=f"{name}/{pid:04d}_c{camid}_t{t:02d}.png")
+              path=f"{name}/{pid:04d}_c{camid}_t{t:02d}.png", condition=condition)
