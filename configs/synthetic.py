@@ -80,6 +80,9 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   config.model.train_alone_views = False
   # With alone views: stop the fused view's gradient at the backbone's maps.
   config.model.fused_view_detached = False
+  # How the modal attention weighs the modalities: "paper" (the paper's formula) or
+  # "reliability" (each modality's confidence from its own features; models/attention.py).
+  config.model.modal_weighting = "paper"
   # The blocks' 1 x 1 convolutions as "conv" (cuDNN on a GPU) or "dot" (matmuls: a ResNet-50
   # step 2x faster on a CPU, docs/performance.md), the stride-2 3 x 3 convolutions' input
   # gradient as XLA's own ("xla") or four stride-1 convolutions ("phases", faster on a CPU), and

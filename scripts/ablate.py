@@ -19,6 +19,13 @@ after `--`, the same model code throughout):
   losses   the full model, and the full model without each of its four losses in turn
            (cross-entropy, triplet, center alignment, modal consistency: the discriminator still
            trains, its verdict no longer reaches the network).
+  conditions
+           scene-adaptive weighting, on a config with scene conditions (configs/synthetic.py:
+           conditions): the paper's model, the same without the modal attention (channel
+           attention only), the reliability-weighted attention (`model.modal_weighting`), early
+           concatenation and late fusion (both without attention); the tables add, per scene
+           condition of the query, each capture protocol's mAP and Rank-1 ("fused/..."), the
+           attention's modality weights and each modality's share of the fused embedding.
 
 Each run trains in WORKDIR/<study>/<variant>/seed<k> (`config.seed = k`, seeds `--seed`,
 `--seed + 1`, ...) through `mmreid_jax.run.train_and_evaluate`, in this process: a rerun resumes
@@ -110,6 +117,9 @@ STUDIES: dict[str, dict[str, Variant]] = {
             **_PAPER_MODEL, "model.modal_attention": True}),
         "no_modal_attention": Variant("The paper's model without the modal attention", {
             **_PAPER_MODEL, "model.modal_attention": False}),
+        "reliability": Variant("Reliability-weighted attention (each modality's own confidence)",
+                               {**_PAPER_MODEL, "model.modal_attention": True,
+                                "model.modal_weighting": "reliability"}),
         "early_concat": Variant("Early concatenation", {
             "model.attention": False, "model.embedding": "concat",
             "loss.reconstruction": 0.0}),

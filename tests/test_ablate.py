@@ -317,8 +317,22 @@ def test_ablate_writes_one_row_per_variant(ablation):
     expected = ([f"{100 * report['protocols']['ir->rgb'][r]:.1f}" for r in RATES]
                 + [f"{100 * row['mean_over_directions'][r]['mean']:.1f}" for r in RATES])
     assert cells[3:9] == expected
-  assert sum(line.startswith("| Full model") for line in table) == 2  # both tables
-  assert sum(line.startswith("| - modal consistency") for line in table) == 2
+  # Two tables over protocols, then one per capture protocol, rate and scene condition.
+  main, _, per_condition = text.partition("fused/all mAP per scene condition of the query:")
+  main_table = [line for line in main.splitlines() if line.startswith("| ")]
+  assert sum(line.startswith("| Full model") for line in main_table) == 2  # both tables
+  assert sum(line.startswith("| - modal consistency") for line in main_table) == 2
+  for row in summary["rows"]:
+    report = json.loads((ablation.workdir / "losses" / row["variant"] / "seed0" / "eval"
+                         / "synthetic_mm.json").read_text())
+    first = next(line for line in per_condition.splitlines()
+                 if line.startswith(f"| {row['label']} |"))
+    # The tiny set is all clear: one column, the run's fused/all mAP in its clear scenes.
+    assert first == (f"| {row['label']} | "
+                     f"{100 * report['conditions']['clear']['fused/all']['mAP']:.1f} |")
+    assert row["conditions"]["clear"]["fused/all"]["mAP"]["values"] == [
+        report["conditions"]["clear"]["fused/all"]["mAP"]]
+    assert set(row["modality_share_by_condition"]["clear"]) == {"rgb", "ir", "depth"}
 
 
 def test_ablate_reuses_finished_runs(ablation):

@@ -47,9 +47,10 @@ def alone_reference(apply, maps: jax.Array, present: np.ndarray) -> np.ndarray:
 PRESENT = np.array([[1, 1, 1], [1, 0, 1], [0, 1, 0]], bool)
 
 
-def test_attention_alone_equals_each_modality_alone():
+@pytest.mark.parametrize("weighting", ["paper", "reliability"])
+def test_attention_alone_equals_each_modality_alone(weighting: str):
   maps = random_maps()
-  module = CrossModalAttention(reduction=4, attention_dim=8)
+  module = CrossModalAttention(reduction=4, attention_dim=8, weighting=weighting)
   variables = module.init(jax.random.key(1), maps, jnp.ones((3, 3), bool), (0, 1, 2))
   apply = lambda m, p, isolated=None: module.apply(variables, m, p, (0, 1, 2), isolated)
   isolated, weights = apply(maps, jnp.asarray(PRESENT), jnp.ones(3, bool))
@@ -144,3 +145,38 @@ def test_demo_recipe_trains_the_modal_attention_and_pair_logits(tfds_data_dir, t
   single["present"] = batch["present"] & keep
   single["images"] = batch["images"] * single["present"][..., None, None, None]
   assert moved(single) == {name: 0.0 for name in watched}
+
+
+def test_reliability_weights_weigh_the_correlation_pairs():
+  """With `slot_weights` w, branch 2's stripe feature is sum over present pairs of
+  W[m, n] w_m w_n / Z * ([p_m; p_n] projected), W the softmax of the pair logits: written out
+  with NumPy from the module's parameters."""
+  maps = random_maps(6, batch=2)
+  present = np.array([[1, 1, 1], [1, 0, 1]], bool)
+  fusion = MultimodalFusion(num_modalities=3, embed_dim=4, num_stripes=2, part_dim=3)
+  variables = fusion.init({"params": jax.random.key(7)}, maps, jnp.ones((2, 3), bool),
+                          (0, 1, 2), False)
+  params = dict(variables["params"])
+  params["corr_pair_logits"] = jax.random.normal(jax.random.key(8), (2, 3, 3))
+  params["corr_bias"] = jax.random.normal(jax.random.key(9), (2, 3))
+  weights = np.array([[0.2, 0.5, 0.3], [0.9, 0.0, 0.1]], np.float32)
+  out = fusion.apply({"params": params}, maps, jnp.asarray(present), (0, 1, 2), False, None,
+                     jnp.asarray(weights))["embedding"]
+  p = {k: np.asarray(v, np.float64) for k, v in params.items() if k.startswith("corr")}
+  maps_np = np.asarray(maps, np.float64)
+  stripes = np.stack([maps_np[:, :, 3 * i:3 * (i + 1)].mean(axis=(2, 3)) for i in range(2)],
+                     axis=2)  # (B, S, P, C): 6 rows in two bins of 3
+  for b in range(2):
+    for i in range(2):
+      table = np.zeros((3, 3))
+      for m in range(3):
+        for n in range(3):
+          if present[b, m] and present[b, n]:
+            table[m, n] = np.exp(p["corr_pair_logits"][i, m, n]) * weights[b, m] * weights[b, n]
+      table /= table.sum()
+      expected = sum(table[m, n] * (stripes[b, m, i] @ p["corr_left"][i]
+                                    + stripes[b, n, i] @ p["corr_right"][i] + p["corr_bias"][i])
+                     for m in range(3) for n in range(3) if table[m, n] > 0)
+      scale = float(params["branch_scale"][1])
+      got = np.asarray(out)[b, 0, 4 + 3 * i:4 + 3 * (i + 1)] / scale
+      np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -21,6 +21,10 @@ import jax
 import jax.numpy as jnp
 
 
+# How the modal attention weighs the slots (`CrossModalAttention.weighting`).
+WEIGHTINGS = ("paper", "reliability")
+
+
 def masked_softmax(logits: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
   """Softmax over the entries of `axis` where `mask` is true; all-false rows give zeros."""
   logits = jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
@@ -43,12 +47,21 @@ class CrossModalAttention(nn.Module):
     dtype: compute dtype.
     modal: the modal attention (False: F'_m = A_c,m * F_m for every slot, no exchange between
       slots and no modal weights; the channel attention alone).
+    weighting: how the modal attention weighs the slots (`WEIGHTINGS`): "paper", the formula
+      above; "reliability", each modality's confidence from its own descriptor alone,
+      r_m = sigmoid(w_m . GAP(F_m) + b_m), and a slot kept in proportion to it and filled with
+      the others in proportion to theirs:
+        F'_m = r_m A_c,m F_m + (1 - r_m) sum_{n != m} r_n A_c,n F_n / sum_{n != m} r_n,
+      with the weights reported as r normalised over the present slots (one slot alone:
+      F'_m = A_c,m F_m, weight 1); the fusion weighs its correlation pairs (m, n) by them too
+      (`reid.MultimodalReID.modal_weighting`).
   """
 
   reduction: int = 16
   attention_dim: int = 64
   dtype: Any = jnp.float32
   modal: bool = True
+  weighting: str = "paper"
 
   @nn.compact
   def __call__(self, features: jax.Array, present: jax.Array, modalities: tuple[int, ...],
@@ -73,15 +86,36 @@ class CrossModalAttention(nn.Module):
             nn.relu(nn.Dense(hidden, name=f"channel_fc1_{modality}")(pooled[:, slot]))))
         for slot, modality in enumerate(modalities)], axis=1)  # (B, S, C)
     present_f = present.astype(features.dtype)[:, :, None, None, None]
+    attended = channel_weights.astype(features.dtype)[:, :, None, None, :] * features
     if not self.modal:
-      attended = channel_weights.astype(features.dtype)[:, :, None, None, :] * features
       return attended * present_f, None
+    if self.weighting not in WEIGHTINGS:
+      raise ValueError(f"config.model.modal_weighting={self.weighting!r}; expected one of "
+                       f"{WEIGHTINGS}.")
+    num_slots = len(modalities)
+    others = present[:, None, :] & ~jnp.eye(num_slots, dtype=bool)[None]  # (B, S, S)
+    if isolated is not None:
+      others = others & ~isolated[:, None, None]
+    if self.weighting == "reliability":
+      reliability = jnp.stack([
+          nn.sigmoid(nn.Dense(1, bias_init=nn.initializers.constant(2.0),
+                              name=f"reliability_{modality}")(pooled[:, slot])[:, 0])
+          for slot, modality in enumerate(modalities)], axis=1)  # (B, S)
+      reliability = jnp.where(present, reliability, 0.0)
+      mix = others * reliability[:, None, :]  # (B, S, S): slot n's share in slot m's filling
+      total = jnp.sum(mix, axis=-1, keepdims=True)
+      mix = mix / jnp.where(total > 0, total, 1.0)
+      kept = jnp.where(jnp.any(others, axis=-1), reliability, 1.0)  # alone: the slot itself
+      filling = jnp.einsum("bmn,bnhwc->bmhwc", mix.astype(features.dtype), attended)
+      enhanced = (kept.astype(features.dtype)[:, :, None, None, None] * attended
+                  + (1 - kept).astype(features.dtype)[:, :, None, None, None] * filling)
+      shares = reliability / jnp.maximum(jnp.sum(reliability, -1, keepdims=True), 1e-12)
+      weights = jnp.where(jnp.any(others, axis=-1), shares, present.astype(jnp.float32))
+      return enhanced * present_f, weights
 
     query = nn.Dense(self.attention_dim, use_bias=False, name="query")(pooled)
     key = nn.Dense(self.attention_dim, use_bias=False, name="key")(pooled)
     similarity = jnp.einsum("bmd,bnd->bmn", query, key) / jnp.sqrt(float(self.attention_dim))
-    num_slots = len(modalities)
-    others = present[:, None, :] & ~jnp.eye(num_slots, dtype=bool)[None]  # (B, S, S)
     summed = jnp.sum(jnp.where(others, similarity, 0.0), axis=-1)  # (B, S)
     modal_weights = masked_softmax(summed, present)
 
@@ -91,6 +125,6 @@ class CrossModalAttention(nn.Module):
     if isolated is not None:
       modal_weights = jnp.where(isolated[:, None], present.astype(jnp.float32), modal_weights)
       sum_of_others = jnp.where(isolated[:, None, None, None, None], 0, sum_of_others)
-    enhanced = (channel_weights.astype(features.dtype)[:, :, None, None, :] * features
-                + modal_weights.astype(features.dtype)[:, :, None, None, None] * sum_of_others)
+    modal_scale = modal_weights.astype(features.dtype)[:, :, None, None, None]
+    enhanced = attended + modal_scale * sum_of_others
     return enhanced * present_f, modal_weights

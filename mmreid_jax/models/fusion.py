@@ -57,7 +57,8 @@ class MultimodalFusion(nn.Module):
 
   @nn.compact
   def __call__(self, features: jax.Array, present: jax.Array, modalities: tuple[int, ...],
-               train: bool, isolated: jax.Array | None = None) -> dict[str, jax.Array]:
+               train: bool, isolated: jax.Array | None = None,
+               slot_weights: jax.Array | None = None) -> dict[str, jax.Array]:
     """Fuses attended features.
 
     Args:
@@ -67,6 +68,9 @@ class MultimodalFusion(nn.Module):
       train: apply the branch-3 mask (needs the "mask" RNG stream).
       isolated: (B,) bool, samples whose slots are each fused as if alone (branch 2 of slot m
         from the pair (m, m) only); None: none.
+      slot_weights: (B, S) positive weights of the slots (the reliability-weighted attention's,
+        `attention.CrossModalAttention.weighting`), or None: branch 2's pair weights become
+        W_i[m, n] w_m w_n, renormalised over the present pairs.
 
     Returns:
       "embedding": (B, S, 2 * D + P * part_dim) float32, pre-BNNeck;
@@ -94,8 +98,11 @@ class MultimodalFusion(nn.Module):
     slot_index = jnp.asarray(modalities)
     logits = pair_logits[:, slot_index][:, :, slot_index]  # (P, S, S)
     pair_present = present[:, :, None] & present[:, None, :]  # (B, S, S)
-    flat_logits = jnp.broadcast_to(logits[None], (batch,) + logits.shape).reshape(
-        batch, self.num_stripes, slots * slots)
+    flat_logits = jnp.broadcast_to(logits[None], (batch,) + logits.shape)  # (B, P, S, S)
+    if slot_weights is not None:
+      log_weights = jnp.log(jnp.maximum(slot_weights.astype(jnp.float32), 1e-12))
+      flat_logits = flat_logits + (log_weights[:, None, :, None] + log_weights[:, None, None, :])
+    flat_logits = flat_logits.reshape(batch, self.num_stripes, slots * slots)
     flat_present = jnp.broadcast_to(pair_present[:, None], flat_logits.shape[:2] + (slots, slots)
                                     ).reshape(flat_logits.shape)
     pair_weights = masked_softmax(flat_logits, flat_present).reshape(

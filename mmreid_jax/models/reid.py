@@ -57,12 +57,15 @@ class Embedding:
 
 
 def _fusion_embedding(model: "MultimodalReID", maps: jax.Array, present: jax.Array,
-                      modalities: tuple[int, ...], train: bool, isolated: jax.Array | None
+                      modalities: tuple[int, ...], train: bool, isolated: jax.Array | None,
+                      slot_weights: jax.Array | None = None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The paper's three-branch fusion; extra outputs are branch 3's reconstruction tensors."""
+  """The paper's three-branch fusion; extra outputs are branch 3's reconstruction tensors.
+  `slot_weights` (B, S): the reliability-weighted attention's weights, which also weigh the
+  correlation branch's pairs."""
   fused = MultimodalFusion(model.num_modalities, model.embed_dim, model.num_stripes,
                            model.part_dim, dtype=model.dtype, name="fusion")(
-                               maps, present, modalities, train, isolated)
+                               maps, present, modalities, train, isolated, slot_weights)
   features = fused.pop("embedding")
   return features, fused
 
@@ -116,6 +119,9 @@ class MultimodalReID(nn.Module):
     attention: apply the cross-modal attention (False: the backbone maps go on as they are).
     modal_attention: with the attention, its modal part (False: channel attention only, each
       slot on its own; `attention.CrossModalAttention.modal`).
+    modal_weighting: how the modal attention weighs the slots, "paper" or "reliability"
+      (`attention.WEIGHTINGS`, `attention.CrossModalAttention.weighting`); with "reliability"
+      the weights also weigh the fusion's correlation pairs (`MultimodalFusion.slot_weights`).
     embedding: an `EMBEDDINGS` name: "fusion" (the paper), "gem" (GeM pooling), "concat"
       (early concatenation) or "late" (late fusion).
     gem_p: the GeM exponent of `embedding="gem"`.
@@ -150,6 +156,7 @@ class MultimodalReID(nn.Module):
   dtype: Any = jnp.float32
   attention: bool = True
   modal_attention: bool = True
+  modal_weighting: str = "paper"
   embedding: str = "fusion"
   gem_p: float = 3.0
   non_local: tuple[int, ...] = (0, 0, 0, 0)
@@ -226,11 +233,15 @@ class MultimodalReID(nn.Module):
     if self.attention:
       feature_maps, modal_weights = CrossModalAttention(
           self.attention_reduction, self.attention_dim, self.dtype, self.modal_attention,
-          name="attention")(feature_maps, present, modalities, isolated)
+          self.modal_weighting, name="attention")(feature_maps, present, modalities, isolated)
       if modal_weights is not None:
         outputs["modal_weights"] = modal_weights
+    weighted = {}
+    if self.embedding == "fusion" and self.has_modal_weights and (
+        self.modal_weighting == "reliability"):
+      weighted["slot_weights"] = outputs["modal_weights"]
     features, extra = EMBEDDINGS[self.embedding].apply(self, feature_maps, present, modalities,
-                                                       train, isolated)
+                                                       train, isolated, **weighted)
     embeddings = BNNeck(name="bnneck")(features, present, train)
     classifier = CLASSIFIERS[self.classifier](self.num_classes, name="classifier")
     return {"features": features, "embeddings": embeddings, **classifier(embeddings.shape[-1]),
