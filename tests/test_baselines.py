@@ -267,7 +267,8 @@ def test_agw_is_the_backbone_with_gem_bnneck_and_a_linear_classifier():
   variables = random_variables(model, rng, images, present, (0, 1))
   assert sorted(variables["params"]) == ["bnneck", "classifier", "shared", "stem_0", "stem_1"]
   out = model.apply(variables, images, present, (0, 1))
-  assert sorted(out) == ["class_weights", "embeddings", "features"]
+  assert sorted(out) == ["class_weights", "embeddings", "features", "present"]
+  np.testing.assert_array_equal(out["present"], present)
   assert out["features"].shape == (3, 2, 64) and model.embedding_dim == 64
   assert out["class_weights"].shape == (5, 64)
   normalised = (images - np.array([0.485, 0.456, 0.406]) * 255) / (

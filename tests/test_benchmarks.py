@@ -339,7 +339,8 @@ def test_sysu_mm01_trains_and_evaluates(trees, tmp_path, compile_lock):
   # Single-shot galleries differ between trials (3 images per identity and camera).
   assert report["protocols"]["sysu/all-search/single-shot"]["std"]["mAP"] > 0
   # Multi-shot takes every image of this tree, so all its trials rank the same gallery.
-  assert report["protocols"]["sysu/all-search/multi-shot"]["std"]["mAP"] == 0
+  # (np.std of ten equal float64 values can be 1 ulp of the mean rather than exactly 0.)
+  assert report["protocols"]["sysu/all-search/multi-shot"]["std"]["mAP"] < 1e-12
 
 
 def test_rgbnt201_trains_and_evaluates(trees, tmp_path, compile_lock):

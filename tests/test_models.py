@@ -72,6 +72,15 @@ def numpy_init(model: nn.Module, rng: np.random.Generator, *args: Any, **kwargs:
   return variables
 
 
+def scaled_last_norms(params: dict, depth: int, factor: float) -> dict:
+  """ResNet `params` with each residual block's last BatchNorm scale multiplied by `factor`."""
+  last_norm = "bn3" if depth >= 50 else "bn2"
+  return {name: ({**block, last_norm: {**block[last_norm],
+                                       "scale": factor * block[last_norm]["scale"]}}
+                 if name.startswith("layer") else block)
+          for name, block in params.items()}
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
   return 1.0 / (1.0 + np.exp(-x))
 
@@ -519,6 +528,12 @@ def test_resnet_cpu_forms_equal_xla_convolutions(depth: int, cpu_form: dict[str,
   x = jnp.asarray(rng.standard_normal((4, 64, 32, 3)), jnp.float32)
   conv, cpu = ResNet(depth=depth, width=8), ResNet(depth=depth, width=8, **cpu_form)
   variables = numpy_init(conv, rng, x)
+  # Each block's last BatchNorm scaled down (Goyal et al.'s small-init residual). With it near 1,
+  # training-mode ResNet-50 at this size is chaotic: parameters changed by 1e-7 relative (float32
+  # rounding) move some gradients by 30%, so two correct forms need not agree on another CPU.
+  # Scaled by 0.1, the same perturbation moves no gradient entry by more than 4e-6 of its
+  # array's largest (docs/performance.md, "CPU forms against XLA").
+  variables["params"] = scaled_last_norms(variables["params"], depth, 0.1)
   assert (jax.tree.map(jnp.shape, cpu.init(jax.random.key(0), x))
           == jax.tree.map(jnp.shape, variables))
 
