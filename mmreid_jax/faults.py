@@ -11,6 +11,7 @@
   prepared or anything compiles; `check_modalities` those that need the dataset's modalities.
 - `config_changes`, `tree_shapes` and `shape_differences`: resuming or evaluating a checkpoint
   with a config whose train state has other arrays is refused with the differing keys.
+- `WorkdirLock`: one training run per workdir; a second one stops at once naming the holder.
 
 Every error of a run's inputs derives from `RunError`: `mmreid_jax.main` prints its message
 without a traceback and exits with status 1.
@@ -18,7 +19,12 @@ without a traceback and exits with status 1.
 
 from __future__ import annotations
 
+import datetime
+import fcntl
+import json
+import os
 import signal
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -51,6 +57,74 @@ class CheckpointError(RunError, FileNotFoundError):
 
 class NonFiniteError(RunError, FloatingPointError):
   """`config.max_bad_steps` steps in a row had non-finite values; none of them was applied."""
+
+
+class WorkdirBusyError(RunError):
+  """Another training process holds the workdir's lock; the message names it."""
+
+
+class WorkdirLock:
+  """While held (a context manager), `workdir/run.lock` is locked (`fcntl.flock`) and names the
+  holder: host, pid and start time.
+
+  The kernel releases a flock when its process ends, however it ends, so the lock of a killed
+  run is free: the next run takes it over with a warning naming the dead holder (the file still
+  names it; a run that ends normally empties the file). The file is never deleted, so two
+  processes cannot lock two different files. flock keeps processes of one host apart; on a
+  network filesystem that does not pass flock on, two hosts are not kept apart.
+  """
+
+  FILENAME = "run.lock"
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, self.FILENAME)
+    self._fd: int | None = None
+
+  @staticmethod
+  def describe(record: str) -> str:
+    """'pid 12 on host vm, since 2026-12-03 18:10:05 UTC' from the file's JSON (or the text)."""
+    try:
+      holder = json.loads(record)
+      return f"pid {holder['pid']} on host {holder['host']}, since {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+      return f"unreadable holder record {record!r}"
+
+  def _record(self) -> str:
+    assert self._fd is not None
+    os.lseek(self._fd, 0, os.SEEK_SET)
+    return os.read(self._fd, 4096).decode(errors="replace").strip()
+
+  def __enter__(self) -> "WorkdirLock":
+    os.makedirs(self.workdir, exist_ok=True)
+    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = self.describe(self._record())
+      os.close(self._fd)
+      self._fd = None
+      raise WorkdirBusyError(
+          f"{self.workdir} is in use by another training run ({holder}; lock file "
+          f"{self.path}). Wait for it to end, stop it, or train in another --workdir; "
+          "--mode=evaluate may run beside it.") from None
+    previous = self._record()
+    if previous:
+      logging.warning("Took over %s: its holder (%s) ended without releasing it; resuming from "
+                      "the newest complete checkpoint.", self.path, self.describe(previous))
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started})
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, record.encode() + b"\n", 0)
+    os.fsync(self._fd)
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)  # released normally: no holder to report
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
 
 
 class StopSignals:

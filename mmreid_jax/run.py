@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import contextlib
+
 import jax
 import ml_collections
 
-from mmreid_jax import evaluate, scene_analysis, train
+from mmreid_jax import evaluate, faults, scene_analysis, train
 
 
 def _evaluate_state(trainer: train.Trainer, state: train.TrainState) -> dict[str, Any]:
@@ -31,19 +33,26 @@ def _evaluate_state(trainer: train.Trainer, state: train.TrainState) -> dict[str
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> dict[str, Any] | None:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates.
+  """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates, holding
+  the workdir's `faults.WorkdirLock` throughout.
 
   Returns:
     The evaluation report, or None when SIGTERM or SIGINT stopped training: a checkpoint was
     written and a line printed saying where; running again resumes.
+
+  Raises:
+    WorkdirBusyError: another training process holds `workdir`, before anything is read.
   """
-  trainer = train.Trainer(config, workdir)
-  state = trainer.train()
-  if trainer.stopped:
-    if jax.process_index() == 0:
-      print(trainer.stopped, flush=True)
-    return None
-  return _evaluate_state(trainer, state)
+  # One training run per workdir; the processes of one multi-process run share it (process 0
+  # holds the lock for them).
+  with (faults.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()):
+    trainer = train.Trainer(config, workdir)
+    state = trainer.train()
+    if trainer.stopped:
+      if jax.process_index() == 0:
+        print(trainer.stopped, flush=True)
+      return None
+    return _evaluate_state(trainer, state)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,

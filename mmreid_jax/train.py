@@ -36,6 +36,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -398,7 +399,15 @@ class Trainer:
     self.mesh = make_mesh() if mesh is None else mesh
     faults.check_config(config, self.mesh.size)  # before the data is prepared or anything compiles
     self.builder = datasets.builder_from_config(config.data)
-    datasets.prepare(self.builder, config.data.get("manual_dir"))
+    prepare_data = functools.partial(datasets.prepare, self.builder, config.data.get("manual_dir"))
+    # Process 0 prepares first; the others then read its data (a shared folder) or prepare their
+    # own copy (a local one).
+    if jax.process_index() == 0:
+      prepare_data()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"prepared {self.builder.info.full_name}")
+    if jax.process_index() != 0:
+      prepare_data()
     self.train_set = datasets.load_split(self.builder, "train")
     self.num_modalities = len(self.train_set.modality_names)
     faults.check_modalities(config, self.train_set.modality_names)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -516,6 +518,84 @@ def test_command_line_errors_are_one_line(tfds_data_dir: str, tmp_path: Path):
   assert "Traceback" not in result.stderr
   assert not any(cache.iterdir())
   assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------- one run per workdir
+
+HOLD_LOCK = ("import sys, time\nfrom mmreid_jax import faults\n"
+             "with faults.WorkdirLock(sys.argv[1]):\n"
+             "  print('held', flush=True)\n  time.sleep(600)\n")
+# Prepares synthetic_mm/tiny in the folder argv[1] once the file argv[2] exists (so that the
+# processes start preparing together), then prints a digest of its training split.
+PREPARE = """import hashlib, os, sys, time
+from mmreid_jax.data import datasets
+builder = datasets.get_builder("synthetic_mm/tiny", data_dir=sys.argv[1])
+while not os.path.exists(sys.argv[2]):
+  time.sleep(0.01)
+datasets.prepare(builder)
+split = datasets.load_split(builder, "train")
+print(len(split), hashlib.sha256(b"".join(split.images) + split.pids.tobytes()).hexdigest())
+"""
+
+
+def test_a_second_training_run_on_a_workdir_stops_at_once_naming_the_holder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture):
+  """While another process holds W's lock, training on W exits with status 1 and one line naming
+  the holder's pid and host, before reading data or writing anything; once the holder is killed
+  (SIGKILL: no clean-up), the next run takes the lock over with a warning naming the dead
+  holder; a run that ends normally leaves the lock free and names nobody."""
+  workdir = tmp_path / "w"
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(workdir)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    result = subprocess.run(
+        main_command("--workdir", str(workdir), f"--config.data.data_dir={tmp_path / 'tfds'}"),
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"error: {workdir} is in use by another training run (pid "
+                           f"{holder.pid} on host {socket.gethostname()}, since "), last
+    assert last.endswith("--mode=evaluate may run beside it.") and "Traceback" not in result.stderr
+    assert not (tmp_path / "tfds").exists() and sorted(os.listdir(workdir)) == ["run.lock"]
+    with pytest.raises(faults.WorkdirBusyError, match=f"pid {holder.pid} on host"):
+      with faults.WorkdirLock(str(workdir)):
+        pass
+  finally:
+    holder.kill()
+    holder.wait()
+  with caplog.at_level(logging.WARNING):
+    with faults.WorkdirLock(str(workdir)):
+      assert f'"pid": {os.getpid()}' in (workdir / "run.lock").read_text()
+  assert any(f"pid {holder.pid} on host" in record.getMessage() and "ended without releasing"
+             in record.getMessage() for record in caplog.records), caplog.text
+  assert (workdir / "run.lock").read_text() == ""
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    with faults.WorkdirLock(str(workdir)):
+      pass
+  assert not caplog.records
+
+
+def test_processes_preparing_one_dataset_in_one_folder_all_get_it(tmp_path: Path):
+  """Three processes preparing synthetic_mm/tiny in one empty folder at once each end with the
+  same set, prepared once (without the lock they fail: TFDS's rename raises FileExistsError, or
+  a builder made before another process's data reads no splits)."""
+  go = tmp_path / "go"
+  processes = [subprocess.Popen([sys.executable, "-c", PREPARE, str(tmp_path / "tfds"), str(go)],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+               for _ in range(3)]
+  time.sleep(5)  # the imports
+  go.touch()
+  results = [process.communicate(timeout=300) for process in processes]
+  for process, (_, stderr) in zip(processes, results):
+    assert process.returncode == 0, stderr[-3000:]
+  digests = {stdout.strip().splitlines()[-1] for stdout, _ in results}
+  assert len(digests) == 1 and int(next(iter(digests)).split()[0]) > 0, digests
+  # One prepared it; the others waited for it and read its files.
+  assert sum("Downloading and preparing" in stdout for stdout, _ in results) == 1
 
 
 # ------------------------------------------------------------------------ bad input data

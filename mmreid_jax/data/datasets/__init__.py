@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import os
+from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from mmreid_jax.data.datasets.manifest import Manifest
 from mmreid_jax.data.datasets.manual import LayoutError, ManualBuilder
@@ -96,16 +101,47 @@ def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None) ->
 
   Builders of real benchmarks read the user's download from `manual_dir` (default: TFDS's
   DATA_DIR/downloads/manual) and check its layout first, so that everything missing is reported
-  in one LayoutError before anything is read.
+  in one LayoutError before anything is read. Processes preparing one builder in one data folder
+  at once take turns (`_preparation_lock`): every one ends with the same prepared set.
   """
   if builder.is_prepared():
     return
-  if isinstance(builder, ManualBuilder):
-    root = builder.manual_root(manual_dir)
-    builder.check_layout(root)
-    manual_dir = str(root)
-  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-  builder.download_and_prepare(download_config=download_config)
+  with _preparation_lock(builder):
+    if builder.is_prepared():  # another process prepared it while this one waited
+      builder.info.read_from_directory(builder.data_dir)
+      return
+    if isinstance(builder, ManualBuilder):
+      root = builder.manual_root(manual_dir)
+      builder.check_layout(root)
+      manual_dir = str(root)
+    download_config = (tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir
+                       else None)
+    builder.download_and_prepare(download_config=download_config)
+
+
+@contextlib.contextmanager
+def _preparation_lock(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
+  """Holds an flock beside the builder's version folder (`.VERSION.prepare.lock` in
+  DATA_DIR/name/config) so that processes preparing one dataset in one folder take turns: the
+  first prepares, the others wait and then read what it wrote. A folder on a remote filesystem
+  (a URL) gets no lock."""
+  folder = os.path.dirname(os.fspath(builder.data_dir))
+  if "://" in folder:
+    yield
+    return
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, f".{builder.version}.prepare.lock")
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info("Waiting for another process preparing %s (%s).", builder.info.full_name,
+                   path)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
 
 
 def eval_splits(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
