@@ -57,17 +57,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> dict[str, Any]:
-  """Evaluates the checkpoint of `step` (default: the newest) in `workdir`.
+  """Evaluates the checkpoint of `step` (default: the newest that restores, damaged newer
+  ones named in a warning) in `workdir`.
 
   Raises:
     CheckpointError: `workdir` has no checkpoint of `step` (or none at all), before the data is
-      read; the message lists the saved steps.
+      read, the message listing the saved steps; or `step` (None: every checkpoint) is damaged.
   """
   manager = train.checkpoint_manager(workdir, config)
   try:
-    step = train.checkpoint_step(manager, step)
+    train.checkpoint_step(manager, step)  # fails before the data is read
     trainer = train.Trainer(config, workdir)
-    state = trainer.restore(manager, step)
+    state = trainer.restore_newest_good(manager, step)
   finally:
     manager.close()
   return _evaluate_state(trainer, state)

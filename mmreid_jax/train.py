@@ -511,6 +511,50 @@ class Trainer:
         state=ocp.args.StandardRestore(target)))
     return restored["state"]
 
+  def restore_newest_good(self, manager: ocp.CheckpointManager, step: int | None = None,
+                          set_aside: bool = False) -> TrainState:
+    """The state of checkpoint `step`, or (None) of the newest checkpoint that restores: a
+    damaged one (a truncated or overwritten file) is named in a warning and the next older one
+    tried.
+
+    Args:
+      manager: the workdir's checkpoint manager.
+      step: the one step to restore (a damaged one is an error), or None.
+      set_aside: move damaged checkpoints into checkpoints/.damaged/ so that training can save
+        those steps again (training's manager only; evaluation never writes there).
+
+    Raises:
+      CheckpointError: `step` is damaged, or no checkpoint restores; the message names them.
+      ConfigError: a checkpoint does not fit this config (see `restore`).
+    """
+    steps = [checkpoint_step(manager, step)] if step is not None else sorted(
+        manager.all_steps(), reverse=True)
+    damaged = []
+    for candidate in steps:
+      try:
+        state = self.restore(manager, candidate)
+      except faults.RunError:
+        raise
+      except Exception as error:  # pylint: disable=broad-exception-caught
+        # orbax and TensorStore raise plain Exceptions (or JSON errors) for damaged files.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        damaged.append(candidate)
+        logging.warning("Checkpoint %d in %s is damaged and was skipped: %s", candidate,
+                        manager.directory, reason)
+        continue
+      if damaged:
+        logging.warning("Restored step %d, the newest good checkpoint in %s (damaged: %s).",
+                        candidate, manager.directory, damaged)
+        if set_aside:
+          set_aside_damaged(manager, damaged)
+      return state
+    raise faults.CheckpointError(
+        f"Checkpoint {step} in {manager.directory} is damaged (the warning above says how); "
+        "choose another --step or remove it." if step is not None else
+        f"No checkpoint in {manager.directory} restores: steps {damaged} are damaged (the "
+        "warnings above say how). Remove them to train from the start, or use another "
+        "--workdir.")
+
   def _save(self, manager: ocp.CheckpointManager, state: TrainState, force: bool) -> None:
     step = int(state.step)
     if jax.process_index() == 0:
@@ -543,7 +587,7 @@ class Trainer:
     try:
       with faults.StopSignals(enabled=jax.process_count() == 1) as signals:
         if manager.latest_step() is not None:
-          state = self.restore(manager)
+          state = self.restore_newest_good(manager, set_aside=True)
           logging.info("Resumed from step %d of %s.", int(state.step), manager.directory)
           changes = self.config_changes()
           if changes:
@@ -647,6 +691,25 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, *,
       todelete_subdir=DELETED_DIR if for_training else None)
   return ocp.CheckpointManager(directory, options=options, item_handlers={
       "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+
+DAMAGED_DIR = ".damaged"
+
+
+def set_aside_damaged(manager: ocp.CheckpointManager, steps: Sequence[int]) -> None:
+  """Moves checkpoints `steps` into checkpoints/.damaged/ (kept for inspection), so that
+  training can write those steps again, and reloads `manager`'s list of steps."""
+  if jax.process_index() == 0:
+    folder = os.path.join(os.fspath(manager.directory), DAMAGED_DIR)
+    os.makedirs(folder, exist_ok=True)
+    for step in steps:
+      target = os.path.join(folder, str(step))
+      if os.path.exists(target):
+        shutil.rmtree(target)
+      os.rename(os.path.join(os.fspath(manager.directory), str(step)), target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("damaged checkpoints set aside")
+  manager.reload()
 
 
 def purge_deleted_checkpoints(directory: str | os.PathLike) -> None:

@@ -404,6 +404,64 @@ def test_resuming_with_another_model_shape_is_refused(reference: SimpleNamespace
     run.evaluate_checkpoint(config, str(workdir), 3)
 
 
+def damage(checkpoint: Path, how: str) -> None:
+  """Damages the largest array file of `checkpoint`'s state: "truncate" cuts it to half,
+  "overwrite" writes seeded random bytes over it (its size kept)."""
+  files = [path for path in (checkpoint / "state").rglob("*") if path.is_file()]
+  largest = max(files, key=lambda path: path.stat().st_size)
+  size = largest.stat().st_size
+  if how == "truncate":
+    with open(largest, "r+b") as file:
+      file.truncate(size // 2)
+  else:
+    largest.write_bytes(np.random.default_rng(size).bytes(size))
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_the_newest_good_one_used(
+    reference: SimpleNamespace, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+  """Checkpoint 6 truncated and 5 overwritten: evaluation's restore warns naming both and
+  restores step 4 (moving nothing), asking for step 6 alone is a one-line CheckpointError;
+  training sets 5 and 6 aside in checkpoints/.damaged/, resumes from 4 and ends bit-identical to
+  the uninterrupted run; with every checkpoint damaged training stops with one line."""
+  workdir = tmp_path / "w"
+  shutil.copytree(reference.workdir / "checkpoints", workdir / "checkpoints")
+  damage(workdir / "checkpoints" / "6", "truncate")
+  damage(workdir / "checkpoints" / "5", "overwrite")
+  manager = train.checkpoint_manager(str(workdir), reference.trainer.config)
+  try:
+    with caplog.at_level(logging.WARNING):
+      state = reference.trainer.restore_newest_good(manager)
+    assert_states_equal(host_state(state), reference.states[4], "newest good")
+    warnings = [record.getMessage() for record in caplog.records]
+    assert any(message.startswith("Checkpoint 6 in ") and "is damaged" in message
+               for message in warnings), warnings
+    assert any(message.startswith("Checkpoint 5 in ") and "is damaged" in message
+               for message in warnings), warnings
+    assert any(message.startswith("Restored step 4, the newest good checkpoint")
+               for message in warnings), warnings
+    with pytest.raises(faults.CheckpointError, match=r"^Checkpoint 6 in .* is damaged") as error:
+      reference.trainer.restore_newest_good(manager, 6)
+    assert "\n" not in str(error.value)
+  finally:
+    manager.close()
+  assert saved_steps(workdir) == list(range(1, STEPS + 1))
+
+  trainer = run_copy(reference, workdir, checkpoint_every_steps=1, keep_checkpoints=STEPS)
+  assert_states_equal(host_state(trainer.train()), reference.states[STEPS], "resumed")
+  assert sorted(os.listdir(workdir / "checkpoints" / train.DAMAGED_DIR)) == ["5", "6"]
+  for step in (5, 6):
+    assert_states_equal(restored(reference, workdir, step), reference.states[step], str(step))
+
+  ruined = tmp_path / "ruined"
+  shutil.copytree(reference.workdir / "checkpoints", ruined / "checkpoints")
+  for step in range(1, STEPS + 1):
+    damage(ruined / "checkpoints" / str(step), "truncate")
+  with pytest.raises(faults.CheckpointError, match=r"^No checkpoint in .* restores: steps "
+                     r"\[6, 5, 4, 3, 2, 1\] are damaged") as error:
+    run_copy(reference, ruined).train()
+  assert "\n" not in str(error.value)
+
+
 def test_evaluate_needs_a_checkpoint_of_the_step(reference: SimpleNamespace, tmp_path: Path):
   """--mode=evaluate on an empty or foreign workdir, or for a step that was not saved: an error
   listing the saved steps, before any data is read; nothing is created in the workdir."""
