@@ -12,6 +12,8 @@
 - `config_changes`, `tree_shapes` and `shape_differences`: resuming or evaluating a checkpoint
   with a config whose train state has other arrays is refused with the differing keys.
 - `WorkdirLock`: one training run per workdir; a second one stops at once naming the holder.
+- `disk_full_reason`: a checkpoint save that failed for lack of space (`DiskFullError`, raised by
+  the trainer with the newest complete checkpoint).
 
 Every error of a run's inputs derives from `RunError`: `mmreid_jax.main` prints its message
 without a traceback and exits with status 1.
@@ -20,6 +22,7 @@ without a traceback and exits with status 1.
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -57,6 +60,37 @@ class CheckpointError(RunError, FileNotFoundError):
 
 class NonFiniteError(RunError, FloatingPointError):
   """`config.max_bad_steps` steps in a row had non-finite values; none of them was applied."""
+
+
+class DiskFullError(RunError, OSError):
+  """A checkpoint save failed for lack of space; the message names the newest complete one."""
+
+
+# errno values of "no room": the disk, a quota, a file-size limit (RLIMIT_FSIZE).
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full_reason(error: BaseException) -> str | None:
+  """The system's words for it (e.g. "No space left on device") when `error`, or an error it was
+  raised from, says a write found no room; else None. TensorStore (orbax's array writer) raises
+  plain exceptions that carry the errno as text (os_error_code='28')."""
+  seen: set[int] = set()
+  current: BaseException | None = error
+  while current is not None and id(current) not in seen:
+    seen.add(id(current))
+    if isinstance(current, OSError) and current.errno in _NO_SPACE_ERRNOS:
+      return os.strerror(current.errno)
+    text = str(current)
+    for code in _NO_SPACE_ERRNOS:
+      if f"os_error_code='{code}'" in text or os.strerror(code) in text:
+        return os.strerror(code)
+    current = current.__cause__ or current.__context__
+  return None
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+  """The first line of `error`'s message (its type's name if empty), at most `limit` long."""
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
 class WorkdirBusyError(RunError):

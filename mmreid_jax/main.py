@@ -51,9 +51,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _DropLibraryChatter(pylogging.Filter):
-  """Drops orbax's per-save INFO lines (dozens per checkpoint); warnings and errors pass."""
+  """Drops orbax's per-save INFO lines (dozens per checkpoint), and asyncio's reports at exit of
+  orbax writes whose failure the run has already reported (a save that found no space); other
+  warnings and errors pass."""
 
   def filter(self, record: pylogging.LogRecord) -> bool:
+    if record.name == "asyncio" and "orbax" in record.getMessage():
+      return False
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 

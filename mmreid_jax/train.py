@@ -416,6 +416,7 @@ class Trainer:
                                 config.data.single_modality_frac, config.seed)
     batch_size = self.sampler.batch_size
     self.stopped: str | None = None  # after `train`: why a signal stopped it, and where
+    self._saving: int | None = None  # the step of the newest checkpoint save begun
     self.model, self.discriminator = build_model(config, self.sampler.num_classes,
                                                  self.num_modalities)
     tx, schedule = make_optimizer(config.optim, batch_size, config.num_train_steps)
@@ -511,6 +512,32 @@ class Trainer:
         state=ocp.args.StandardRestore(target)))
     return restored["state"]
 
+  def _wait_for_saves(self, manager: ocp.CheckpointManager) -> None:
+    """Waits for the asynchronous save; one that failed for lack of space is a DiskFullError."""
+    try:
+      manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      if faults.disk_full_reason(error) is None:
+        raise
+      raise self._disk_full(manager, error) from None
+
+  def _disk_full(self, manager: ocp.CheckpointManager,
+                 error: BaseException) -> faults.DiskFullError:
+    folder = os.fspath(manager.directory)
+    complete = sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+    # The error may surface at the next save's start: the failed one left its temporary folder.
+    unfinished = sorted(int(match.group(1)) for match in map(_TEMPORARY_STEP.match,
+                                                             os.listdir(folder)) if match)
+    failed = next((step for step in unfinished if not complete or step > complete[-1]),
+                  self._saving)
+    return faults.DiskFullError(
+        f"Saving checkpoint {failed} to {folder} failed for lack of space "
+        f"({faults.disk_full_reason(error)}). "
+        + (f"The newest complete checkpoint is step {complete[-1]}; " if complete else
+           "No checkpoint was completed; ")
+        + "free space and run the same command again to resume"
+        + (" from it." if complete else "."))
+
   def restore_newest_good(self, manager: ocp.CheckpointManager, step: int | None = None,
                           set_aside: bool = False) -> TrainState:
     """The state of checkpoint `step`, or (None) of the newest checkpoint that restores: a
@@ -537,7 +564,7 @@ class Trainer:
         raise
       except Exception as error:  # pylint: disable=broad-exception-caught
         # orbax and TensorStore raise plain Exceptions (or JSON errors) for damaged files.
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = faults.first_line(error)
         damaged.append(candidate)
         logging.warning("Checkpoint %d in %s is damaged and was skipped: %s", candidate,
                         manager.directory, reason)
@@ -557,6 +584,7 @@ class Trainer:
 
   def _save(self, manager: ocp.CheckpointManager, state: TrainState, force: bool) -> None:
     step = int(state.step)
+    self._saving = step
     if jax.process_index() == 0:
       purge_deleted_checkpoints(manager.directory)
     manager.save(step, args=ocp.args.Composite(
@@ -643,7 +671,7 @@ class Trainer:
         if int(state.step) not in manager.all_steps():  # rerunning a finished run saves nothing
           self._save(manager, state, force=True)
     except faults.NonFiniteError as error:
-      manager.wait_until_finished()
+      self._wait_for_saves(manager)
       latest = manager.latest_step()
       raise faults.NonFiniteError(
           f"{error} "
@@ -651,13 +679,21 @@ class Trainer:
              f"The newest checkpoint, step {latest} in {manager.directory}, holds the last "
              "applied update: lower config.optim.base_learning_rate or set "
              "config.optim.clip_grad_norm, then rerun to resume from it.")) from None
+    except faults.RunError:
+      raise
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      if faults.disk_full_reason(error) is None:
+        raise
+      raise self._disk_full(manager, error) from None
     finally:
-      manager.wait_until_finished()
-      if jax.process_index() == 0:
-        purge_deleted_checkpoints(manager.directory)
-      manager.close()
-      if writer is not None:
-        writer.flush()
+      try:
+        self._wait_for_saves(manager)
+      finally:
+        if jax.process_index() == 0:
+          purge_deleted_checkpoints(manager.directory)
+        manager.close()
+        if writer is not None:
+          writer.flush()
     if self.stopped:
       logging.warning("%s", self.stopped)
     return state
@@ -694,6 +730,7 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, *,
 
 
 DAMAGED_DIR = ".damaged"
+_TEMPORARY_STEP = re.compile(r"(\d+)\.orbax-checkpoint-tmp")  # a save under way (or failed)
 
 
 def set_aside_damaged(manager: ocp.CheckpointManager, steps: Sequence[int]) -> None:

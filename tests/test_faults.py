@@ -462,6 +462,50 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_newest_good_one_used(
   assert "\n" not in str(error.value)
 
 
+# Runs `python -m mmreid_jax.main ARGS` under a file-size limit of argv[1] bytes.
+LIMIT_FILE_SIZE = """import resource, runpy, signal, sys
+limit = int(sys.argv.pop(1))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv[0] = "mmreid_jax.main"
+runpy.run_module("mmreid_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_save_that_finds_no_space_stops_with_one_line_and_resumes_when_there_is(
+    reference: SimpleNamespace, jax_cache_dir: str, tmp_path: Path):
+  """A training subprocess under a file-size limit (RLIMIT_FSIZE, half the largest file of a
+  checkpoint; writes past it fail with EFBIG as on a full disk) resumes from step 3, trains step
+  4 and fails to save it: it exits with status 1 and one line naming step 4 and the newest
+  complete checkpoint, 3, which restores to the uninterrupted run's state. Rerun without the
+  limit, training ends bit-identical to the uninterrupted run."""
+  workdir = tmp_path / "w"
+  for step in (1, 2, 3):
+    shutil.copytree(reference.workdir / "checkpoints" / str(step),
+                    workdir / "checkpoints" / str(step))
+  shutil.copy(reference.workdir / "config.json", workdir / "config.json")
+  largest = max(path.stat().st_size
+                for path in (reference.workdir / "checkpoints" / "6").rglob("*") if path.is_file())
+  command = main_command("--workdir", str(workdir), f"--config.data.data_dir={reference.data_dir}",
+                         *CHAIN_FLAGS)
+  result = subprocess.run(
+      [sys.executable, "-c", LIMIT_FILE_SIZE, str(largest // 2), *command[3:]],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_COMPILATION_CACHE_DIR": jax_cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"})
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.stderr.splitlines()[-1] == (
+      f"error: Saving checkpoint 4 to {workdir / 'checkpoints'} failed for lack of space (File "
+      "too large). The newest complete checkpoint is step 3; free space and run the same "
+      "command again to resume from it."), result.stderr[-3000:]
+  assert max(saved_steps(workdir)) == 3
+  assert_states_equal(restored(reference, workdir, 3), reference.states[3], "last good")
+
+  trainer = run_copy(reference, workdir, checkpoint_every_steps=1, keep_checkpoints=2)
+  assert_states_equal(host_state(trainer.train()), reference.states[STEPS], "after freeing")
+  assert saved_steps(workdir) == [STEPS - 1, STEPS] and not temporary(workdir / "checkpoints")
+
+
 def test_evaluate_needs_a_checkpoint_of_the_step(reference: SimpleNamespace, tmp_path: Path):
   """--mode=evaluate on an empty or foreign workdir, or for a step that was not saved: an error
   listing the saved steps, before any data is read; nothing is created in the workdir."""
