@@ -123,6 +123,32 @@ def share_by_condition(shares: np.ndarray, capture_conditions: np.ndarray,
   return report
 
 
+def scene_response(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """How a model's reliance moves where one sensor fails, against clear scenes: for each
+  condition that degrades a modality m (`synthetic_render.DEGRADED_MODALITY`), {"modality": m,
+  "share_ratio": share of m in the condition / share of m in clear scenes, "weight_change":
+  A_m(m) in the condition - A_m(m) in clear scenes (models with the modal attention)}.
+
+  Issue 16's goals read these: a working weighting halves the failing modality's share
+  (share_ratio <= 0.5), and moves RGB's weight at night by at least 0.1. Empty without the
+  report's per-condition entries or clear scenes.
+  """
+  shares = report.get("modality_share_by_condition", {})
+  weights = report.get("modal_weights_by_condition", {})
+  if "clear" not in shares:
+    return {}
+  response = {}
+  for condition, modality in synthetic_render.DEGRADED_MODALITY.items():
+    if modality is None or condition not in shares or modality not in shares[condition]:
+      continue
+    entry: dict[str, Any] = {"modality": modality, "share_ratio": (
+        shares[condition][modality] / max(shares["clear"][modality], 1e-12))}
+    if condition in weights and "clear" in weights:
+      entry["weight_change"] = weights[condition][modality] - weights["clear"][modality]
+    response[condition] = entry
+  return response
+
+
 def format_table(entries: Mapping[str, Mapping[str, Any]], protocols: Sequence[str]) -> str:
   """A report's "conditions" entry as a fixed-width text table: Rank-1 / mAP (percentages) of
   `protocols` (columns) per condition of the query (rows)."""

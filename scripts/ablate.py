@@ -31,7 +31,8 @@ Each run trains in WORKDIR/<study>/<variant>/seed<k> (`config.seed = k`, seeds `
 `--seed + 1`, ...) through `mmreid_jax.run.train_and_evaluate`, in this process: a rerun resumes
 an unfinished run from its newest checkpoint and reuses a finished one's report
 (WORKDIR/.../eval/<dataset>.json) without training again, as it reuses the finished run of
-another study's variant with the same overrides (the full model is a row of all three). Evaluation pictures (`config.eval.pictures`) are off unless `--pictures`.
+another study's variant with the same overrides (the full model is a row of all three).
+Evaluation pictures (`config.eval.pictures`) are off unless `--pictures`.
 After every run the script rewrites WORKDIR/ablation_<study>.md and .json: one row per variant
 with Rank-1, mAP and mINP of the headline protocol (`--protocol`, default ir->rgb where it
 exists) and their mean over every protocol but "all" (the directions), as mean and standard
@@ -252,6 +253,15 @@ def condition_spreads(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
       spreads[key] = {condition: {modality: spread([r[key][condition][modality] for r in reports])
                                   for modality in values}
                       for condition, values in first[key].items()}
+  from mmreid_jax import scene_analysis  # pylint: disable=import-outside-toplevel
+
+  responses = [scene_analysis.scene_response(report) for report in reports]
+  if responses[0]:
+    spreads["scene_response"] = {
+        condition: {"modality": entry["modality"],
+                    **{name: spread([r[condition][name] for r in responses])
+                       for name in ("share_ratio", "weight_change") if name in entry}}
+        for condition, entry in responses[0].items()}
   return spreads
 
 
@@ -287,7 +297,32 @@ def condition_markdown(summary: Mapping[str, Any]) -> list[str]:
       cells = [" / ".join(f"{row[key][c][m]['mean']:.2f}" for m in modalities)
                if c in row[key] else "-" for c in conditions]
       lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+  chosen = [row for row in rows if "scene_response" in row]
+  if chosen:
+    degraded = list(chosen[0]["scene_response"])
+    lines += ["", "The failing modality's share of the fused embedding against clear scenes "
+              "(ratio; a working weighting gives <= 0.5) and its attention weight A_m(m) minus "
+              "clear scenes' (mean ± std over seeds):", "",
+              "| variant | " + " | ".join(
+                  f"{c} ({chosen[0]['scene_response'][c]['modality']})" for c in degraded) + " |",
+              "|" + "|".join(["---"] + ["---:"] * len(degraded)) + "|"]
+    for row in chosen:
+      cells = []
+      for condition in degraded:
+        entry = row["scene_response"][condition]
+        cell = _ratio(entry["share_ratio"])
+        if "weight_change" in entry:
+          cell += f", {entry['weight_change']['mean']:+.2f} ± {entry['weight_change']['std']:.2f}"
+        cells.append(cell)
+      lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
   return lines
+
+
+def _ratio(stats: Mapping[str, Any]) -> str:
+  text = f"{stats['mean']:.2f}"
+  if len(stats["values"]) > 1:
+    text += f" ± {stats['std']:.2f}"
+  return text
 
 
 def _cell(stats: Mapping[str, Any]) -> str:

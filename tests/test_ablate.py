@@ -261,6 +261,26 @@ def test_summary_and_markdown():
   assert "| C | 1 | 4 |" in text and "| B |" not in text
 
 
+def test_scene_response_table_gives_mean_and_std_over_seeds():
+  """condition_spreads and condition_markdown: the failing modality's share ratio and weight
+  change per seed (scene_analysis.scene_response), as mean ± std (ddof 0)."""
+  def report(rgb_night: float, weight_night: float) -> dict:
+    return {"conditions": {c: {"fused/all": {r: 0.5 for r in RATES}} for c in ("clear", "night")},
+            "modality_share_by_condition": {"clear": {"rgb": 0.4, "ir": 0.6},
+                                            "night": {"rgb": rgb_night, "ir": 1 - rgb_night}},
+            "modal_weights_by_condition": {"clear": {"rgb": 0.5, "ir": 0.5},
+                                           "night": {"rgb": weight_night,
+                                                     "ir": 1 - weight_night}}}
+  spreads = ablate.condition_spreads([report(0.1, 0.7), report(0.3, 0.5)])
+  night = spreads["scene_response"]["night"]
+  assert night["modality"] == "rgb"
+  assert night["share_ratio"]["values"] == pytest.approx([0.25, 0.75])
+  assert night["weight_change"]["values"] == pytest.approx([0.2, 0.0])
+  lines = ablate.condition_markdown({"rows": [{"label": "X", **spreads}]})
+  assert lines[-1] == "| X | 0.50 ± 0.25, +0.10 ± 0.10 |"
+  assert lines[-3] == "| variant | night (rgb) |"
+
+
 # -------------------------------------------------------------------- the script, for real
 
 

@@ -176,3 +176,30 @@ def test_modal_weights_by_condition_over_complete_captures():
                                                  ("rgb", "ir", "depth"))
   assert by == {"clear": {"rgb": 0.6, "ir": 0.2, "depth": 0.2},
                 "night": pytest.approx({"rgb": 0.3, "ir": 0.45, "depth": 0.25})}
+
+
+def test_scene_response_compares_each_failing_modality_with_clear_scenes():
+  """share_ratio = share of the degraded modality in its condition / in clear scenes, and
+  weight_change = its A_m(m) there minus in clear scenes; conditions that degrade nothing or
+  are absent are left out, and a report without shares gives {}."""
+  report = {
+      "modality_share_by_condition": {
+          "clear": {"rgb": 0.4, "ir": 0.3, "depth": 0.3},
+          "night": {"rgb": 0.1, "ir": 0.5, "depth": 0.4},
+          "thermal_crossover": {"rgb": 0.45, "ir": 0.15, "depth": 0.4},
+          "occluded": {"rgb": 0.3, "ir": 0.3, "depth": 0.4}},
+      "modal_weights_by_condition": {
+          "clear": {"rgb": 0.5, "ir": 0.3, "depth": 0.2},
+          "night": {"rgb": 0.7, "ir": 0.2, "depth": 0.1},
+          "thermal_crossover": {"rgb": 0.4, "ir": 0.5, "depth": 0.1}}}
+  response = scene_analysis.scene_response(report)
+  assert list(response) == ["night", "thermal_crossover"]
+  assert response["night"]["modality"] == "rgb"
+  assert response["night"]["share_ratio"] == pytest.approx(0.25)
+  assert response["night"]["weight_change"] == pytest.approx(0.2)
+  assert response["thermal_crossover"]["modality"] == "ir"
+  assert response["thermal_crossover"]["share_ratio"] == pytest.approx(0.5)
+  assert response["thermal_crossover"]["weight_change"] == pytest.approx(0.2)
+  del report["modal_weights_by_condition"]
+  assert "weight_change" not in scene_analysis.scene_response(report)["night"]
+  assert scene_analysis.scene_response({}) == {}
