@@ -32,7 +32,8 @@ Each run trains in WORKDIR/<study>/<variant>/seed<k> (`config.seed = k`, seeds `
 an unfinished run from its newest checkpoint and reuses a finished one's report
 (WORKDIR/.../eval/<dataset>.json) without training again, as it reuses the finished run of
 another study's variant with the same overrides (the full model is a row of all three).
-Evaluation pictures (`config.eval.pictures`) are off unless `--pictures`.
+Evaluation pictures (`config.eval.pictures`) are off unless `--pictures`. `--tables-only` trains
+nothing and rewrites the tables from the runs finished so far (while other runs go on).
 After every run the script rewrites WORKDIR/ablation_<study>.md and .json: one row per variant
 with Rank-1, mAP and mINP of the headline protocol (`--protocol`, default ir->rgb where it
 exists) and their mean over every protocol but "all" (the directions), as mean and standard
@@ -401,6 +402,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                       help="The main table's protocol (default: ir->rgb where it exists).")
   parser.add_argument("--pictures", action="store_true",
                       help="Write each run's evaluation pictures (config.eval.pictures).")
+  parser.add_argument("--tables-only", action="store_true",
+                      help="Train nothing: rewrite the tables from the runs finished so far.")
   args = parser.parse_args(argv)
   if args.seeds < 1:
     parser.error(f"--seeds={args.seeds}; expected at least 1.")
@@ -452,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       if report is not None:
         print(f"[{args.study}/{name}/seed{seed}] finished before: reusing "
               f"{os.path.join(workdir, 'eval', dataset_name(config) + '.json')}", flush=True)
+      elif args.tables_only:
+        print(f"[{args.study}/{name}/seed{seed}] not finished: left out (--tables-only)",
+              flush=True)
+        continue
       else:
         print(f"[{args.study}/{name}/seed{seed}] training in {workdir} "
               f"({', '.join(f'{k}={v}' for k, v in variant.overrides.items()) or 'no overrides'})",

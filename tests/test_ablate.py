@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -353,6 +354,23 @@ def test_ablate_writes_one_row_per_variant(ablation):
     assert row["conditions"]["clear"]["fused/all"]["mAP"]["values"] == [
         report["conditions"]["clear"]["fused/all"]["mAP"]]
     assert set(row["modality_share_by_condition"]["clear"]) == {"rgb", "ir", "depth"}
+
+
+def test_tables_only_trains_nothing_and_leaves_unfinished_variants_out(ablation, tmp_path):
+  workdir = tmp_path / "tables"
+  shutil.copytree(ablation.workdir / "losses", workdir / "losses")
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / "ablate.py"), "--config",
+       "configs/synthetic.py:tiny", "--workdir", str(workdir), "--study", "losses", "--variants",
+       "full,no_center", "--tables-only", "--", "--config.checkpoint_every_steps=6",
+       f"--config.data.data_dir={ablation.data_dir}"],
+      check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "[losses/no_center/seed0] not finished: left out (--tables-only)" in result.stdout
+  assert not (workdir / "losses" / "no_center").exists()
+  summary = json.loads((workdir / "ablation_losses.json").read_text())
+  assert [row["variant"] for row in summary["rows"]] == ["full"]
 
 
 def test_ablate_reuses_finished_runs(ablation):
