@@ -51,8 +51,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _DropLibraryChatter(pylogging.Filter):
-  """Drops orbax's per-save INFO lines (dozens per checkpoint), and asyncio's reports at exit of
-  orbax writes whose failure the run has already reported (a save that found no space); other
+  """Drops orbax's per-save INFO lines (dozens per checkpoint), and asyncio's reports of orbax
+  writes whose failure the run has already reported (a save that found no space); other
   warnings and errors pass."""
 
   def filter(self, record: pylogging.LogRecord) -> bool:
@@ -231,6 +231,13 @@ def main(argv: list[str]) -> None:
       run.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     else:
       run.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.step)
+  except faults.DiskFullError as error:
+    # TensorStore's threads of the failed writes would report again into orbax's closed event
+    # loop at interpreter exit, after this line; the run's own files are closed by now.
+    logging.flush()
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
   except faults.RunError as error:  # the config, the data or the workdir: no traceback
     sys.exit(f"error: {error}")
 
