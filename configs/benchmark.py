@@ -40,11 +40,9 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   synthetic = config_lib.load_config_module(os.path.join(CONFIG_DIR, "synthetic.py"))
   config = synthetic.get_config({"small": "demo", "r50": "paper", "tiny": "tiny"}[preset])
   config_lib.two_stream_baseline(config)
-  # The CPU's faster forms (--config.model.conv_1x1=conv --config.model.strided_input_grad=xla
-  # --config.model.weight_grad_3x3=xla: XLA's own, as on a GPU).
-  config.model.conv_1x1 = "dot"
-  config.model.strided_input_grad = "phases"
-  config.model.weight_grad_3x3 = "shifts"
+  # The CPU's faster forms of the convolutions (--config.model.kernels=xla: XLA's own, as on a
+  # GPU).
+  config.model.kernels = "cpu"
   # XLA's CPU scheduler that runs independent operations side by side slowed ResNet-50's step on
   # 2 cores by 10-13% (docs/performance.md).
   config.xla_flags = "--xla_cpu_enable_concurrency_optimized_scheduler=false"

@@ -83,14 +83,10 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   # How the modal attention weighs the modalities: "paper" (the paper's formula) or
   # "reliability" (each modality's confidence from its own features; models/attention.py).
   config.model.modal_weighting = "paper"
-  # The blocks' 1 x 1 convolutions as "conv" (cuDNN on a GPU) or "dot" (matmuls: a ResNet-50
-  # step 2x faster on a CPU, docs/performance.md), the stride-2 3 x 3 convolutions' input
-  # gradient as XLA's own ("xla") or four stride-1 convolutions ("phases", faster on a CPU), and
-  # the stride-1 3 x 3 convolutions' kernel gradient as XLA's own ("xla") or one matmul of
-  # shifted copies ("shifts", faster on a CPU); the same parameters and results either way.
-  config.model.conv_1x1 = "conv"
-  config.model.strided_input_grad = "xla"
-  config.model.weight_grad_3x3 = "xla"
+  # The backbone's convolutions: "xla" (XLA's own: cuDNN on a GPU), "cpu" (models/cpu_forms.py:
+  # the same parameters and, up to rounding, results; faster on a CPU backend) or "auto" ("cpu"
+  # on a CPU backend, else "xla"). The demo's recorded results were trained with "xla".
+  config.model.kernels = "xla"
   # A torchvision ResNet (.pth or .safetensors; README "Pretrained weights") for the backbone.
   config.model.pretrained = config_dict.placeholder(str)
 

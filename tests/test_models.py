@@ -18,8 +18,8 @@ import pytest
 
 from mmreid_jax.models.attention import CrossModalAttention
 from mmreid_jax.models.fusion import MultimodalFusion
-from mmreid_jax.models.layers import (DotConv, MaskedBatchNorm, PhaseGradConv, ShiftGradConv,
-                                      horizontal_stripes)
+from mmreid_jax.models.cpu_forms import DotConv, PhaseGradConv, ShiftGradConv, resolve_kernels
+from mmreid_jax.models.layers import MaskedBatchNorm, horizontal_stripes
 from mmreid_jax.models.reid import IMAGENET_MEAN, IMAGENET_STD, MultimodalReID
 from mmreid_jax.models.resnet import ResNet
 
@@ -514,19 +514,17 @@ def test_shift_grad_conv_matches_numpy_convolution(height: int, width: int):
   _check_conv_module(ShiftGradConv(4), x, w, 1, ((1, 1), (1, 1)))
 
 
-@pytest.mark.parametrize("depth, cpu_form", [
-    (18, {"conv_1x1": "dot"}), (50, {"conv_1x1": "dot"}),
-    (18, {"strided_input_grad": "phases", "weight_grad_3x3": "shifts"}),
-    (50, {"conv_1x1": "dot", "strided_input_grad": "phases", "weight_grad_3x3": "shifts"})])
-def test_resnet_cpu_forms_equal_xla_convolutions(depth: int, cpu_form: dict[str, str]):
-  """conv_1x1="dot", strided_input_grad="phases" and weight_grad_3x3="shifts" have the same
-  parameters as XLA's convolutions and compute the same network (forward and gradients),
-  training mode, with downsampling blocks."""
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_cpu_forms_equal_xla_convolutions(depth: int):
+  """kernels="cpu" (cpu_forms: the 1 x 1 convolutions as matmuls, the stride-2 input gradients
+  as four phases, the stride-1 kernel gradients as one matmul) has the same parameters as XLA's
+  convolutions and computes the same network (forward and gradients), training mode, with
+  downsampling blocks; "auto" is "cpu" on a CPU backend only; an unknown name is an error."""
   rng = np.random.default_rng(4)
   # Enough values per channel in stage 4's batch statistics (4 x 4 x 2) that BatchNorm does not
   # blow rounding differences up.
   x = jnp.asarray(rng.standard_normal((4, 64, 32, 3)), jnp.float32)
-  conv, cpu = ResNet(depth=depth, width=8), ResNet(depth=depth, width=8, **cpu_form)
+  conv, cpu = ResNet(depth=depth, width=8), ResNet(depth=depth, width=8, kernels="cpu")
   variables = numpy_init(conv, rng, x)
   # Each block's last BatchNorm scaled down (Goyal et al.'s small-init residual). With it near 1,
   # training-mode ResNet-50 at this size is chaotic: parameters changed by 1e-7 relative (float32
@@ -550,12 +548,9 @@ def test_resnet_cpu_forms_equal_xla_convolutions(depth: int, cpu_form: dict[str,
   jax.tree.map(assert_close, outputs[1], outputs[0])
   grads = [jax.grad(functools.partial(loss, m))(variables["params"]) for m in (conv, cpu)]
   jax.tree.map(assert_close, grads[1], grads[0])
-  with pytest.raises(ValueError, match="conv_1x1='im2col'"):
-    ResNet(depth=18, width=8, conv_1x1="im2col").init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match="strided_input_grad='eigen'"):
-    ResNet(depth=18, width=8, strided_input_grad="eigen").init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match="weight_grad_3x3='taps'"):
-    ResNet(depth=18, width=8, weight_grad_3x3="taps").init(jax.random.key(0), x)
+  assert resolve_kernels("auto") == ("cpu" if jax.default_backend() == "cpu" else "xla")
+  with pytest.raises(ValueError, match=r"kernels='im2col'; expected one of \('xla', 'cpu'"):
+    ResNet(depth=18, width=8, kernels="im2col").init(jax.random.key(0), x)
 
 
 def test_resnet_unsupported_depth():

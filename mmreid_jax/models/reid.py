@@ -134,12 +134,8 @@ class MultimodalReID(nn.Module):
     fused_view_detached: with `train_alone_views`, the fused view's gradient stops at the
       backbone's maps: the backbone learns from the alone views (the single images retrieval
       embeds), the attention and fusion from both.
-    conv_1x1: "conv" or "dot" (`resnet.ResNet.conv_1x1`: the 1 x 1 convolutions as matmuls,
-      faster on a CPU; the same parameters).
-    strided_input_grad: "xla" or "phases" (`resnet.ResNet.strided_input_grad`: the stride-2
-      3 x 3 convolutions' input gradient as four stride-1 convolutions, faster on a CPU).
-    weight_grad_3x3: "xla" or "shifts" (`resnet.ResNet.weight_grad_3x3`: the stride-1 3 x 3
-      convolutions' kernel gradient as one matmul, faster on a CPU).
+    kernels: "xla", "cpu" or "auto" (`resnet.ResNet.kernels`: the backbone's convolutions as
+      XLA's own or as the CPU's forms of `cpu_forms`; the same parameters).
   """
 
   num_classes: int
@@ -163,9 +159,7 @@ class MultimodalReID(nn.Module):
   classifier: str = "cosine"
   train_alone_views: bool = False
   fused_view_detached: bool = False
-  conv_1x1: str = "conv"
-  strided_input_grad: str = "xla"
-  weight_grad_3x3: str = "xla"
+  kernels: str = "xla"
 
   @nn.compact
   def __call__(self, images: jax.Array, present: jax.Array, modalities: tuple[int, ...],
@@ -198,10 +192,8 @@ class MultimodalReID(nn.Module):
                        f"{sorted(CLASSIFIERS)}.")
     x = (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
     non_local = tuple(self.non_local)
-    conv_forms = {"conv_1x1": self.conv_1x1, "strided_input_grad": self.strided_input_grad,
-                  "weight_grad_3x3": self.weight_grad_3x3}
     stems = {m: ResNet(self.depth, self.width, self.last_stride, 0, self.specific_stages,
-                       self.dtype, non_local, **conv_forms, name=f"stem_{m}")
+                       self.dtype, non_local, self.kernels, name=f"stem_{m}")
              for m in range(self.num_modalities)}
     # The slots of one modality (CAJ's channel-exchanged RGB view) go through its stem in one
     # call, stacked on the batch axis: its BatchNorm statistics pool the views as one batch.
@@ -217,7 +209,7 @@ class MultimodalReID(nn.Module):
     batch, slots = present.shape
     flat = stem_out.reshape((batch * slots,) + stem_out.shape[2:])
     shared = ResNet(self.depth, self.width, self.last_stride, self.specific_stages + 1, 4,
-                    self.dtype, non_local, **conv_forms, name="shared")(
+                    self.dtype, non_local, self.kernels, name="shared")(
                         flat, train, present.reshape(-1))
     feature_maps = shared.reshape((batch, slots) + shared.shape[1:])
 

@@ -22,8 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmreid_jax.models.layers import (DotConv, MaskedBatchNorm, NonLocal, PhaseGradConv,
-                                      ShiftGradConv)
+from mmreid_jax.models import cpu_forms
+from mmreid_jax.models.layers import MaskedBatchNorm, NonLocal
 
 STAGE_SIZES: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2),
@@ -32,9 +32,6 @@ STAGE_SIZES: dict[int, tuple[int, int, int, int]] = {
     101: (3, 4, 23, 3),
 }
 BOTTLENECK_DEPTHS = (50, 101)
-CONV_1X1 = ("conv", "dot")  # `ResNet.conv_1x1`
-STRIDED_INPUT_GRAD = ("xla", "phases")  # `ResNet.strided_input_grad`
-WEIGHT_GRAD_3X3 = ("xla", "shifts")  # `ResNet.weight_grad_3x3`
 
 
 def stage_channels(depth: int, width: int, stage: int) -> int:
@@ -61,26 +58,21 @@ class _Block(nn.Module):
   bottleneck: bool
   downsample: bool
   dtype: Any
-  conv_1x1: str = "conv"
-  strided_input_grad: str = "xla"
-  weight_grad_3x3: str = "xla"
+  kernels: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None) -> jax.Array:
     kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=kernel_init)
-    if self.conv_1x1 == "dot":
-      pointwise = lambda features, strides=1, name=None: DotConv(  # noqa: E731
-          features, (1, 1), strides, dtype=self.dtype, kernel_init=kernel_init, name=name)
-    else:
-      pointwise = lambda features, strides=1, name=None: conv(  # noqa: E731
-          features, (1, 1), strides, name=name)
+
+    def pointwise(features: int, strides: int = 1, name: str | None = None) -> nn.Module:
+      return conv(features, (1, 1), strides, name=name)
+
     def conv3x3(features: int, strides: int, name: str) -> nn.Module:
-      if strides == 2 and self.strided_input_grad == "phases":
-        return PhaseGradConv(features, dtype=self.dtype, kernel_init=kernel_init, name=name)
-      if strides == 1 and self.weight_grad_3x3 == "shifts":
-        return ShiftGradConv(features, dtype=self.dtype, kernel_init=kernel_init, name=name)
       return conv(features, (3, 3), strides, padding=((1, 1), (1, 1)), name=name)
+
+    if self.kernels == "cpu":
+      pointwise, conv3x3 = cpu_forms.block_convolutions(self.dtype, kernel_init)
 
     norm = functools.partial(MaskedBatchNorm, dtype=self.dtype)
     residual = x
@@ -113,14 +105,9 @@ class ResNet(nn.Module):
     first_stage, last_stage: the stages held, 0 (stem) to 4.
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
     non_local: non-local blocks per stage 1..4, after the last blocks of each held stage.
-    conv_1x1: how the blocks' 1 x 1 convolutions run: "conv" (`nn.Conv`: cuDNN on a GPU) or
-      "dot" (`layers.DotConv`, a matmul: faster on a CPU); the same parameters.
-    strided_input_grad: the input gradient of the stride-2 3 x 3 convolutions: "xla" (XLA's
-      own) or "phases" (`layers.PhaseGradConv`: four stride-1 convolutions, faster on a CPU);
-      the same parameters and forward.
-    weight_grad_3x3: the kernel gradient of the stride-1 3 x 3 convolutions: "xla" (XLA's own)
-      or "shifts" (`layers.ShiftGradConv`: one matmul of shifted copies, faster on a CPU); the
-      same parameters and forward.
+    kernels: how the blocks' convolutions run: "xla" (`nn.Conv`), "cpu" (the forms of
+      `cpu_forms`, faster on a CPU backend) or "auto" (`cpu_forms.resolve_kernels`); the same
+      parameters either way.
   """
 
   depth: int = 50
@@ -130,9 +117,7 @@ class ResNet(nn.Module):
   last_stage: int = 4
   dtype: Any = jnp.float32
   non_local: tuple[int, ...] = (0, 0, 0, 0)
-  conv_1x1: str = "conv"
-  strided_input_grad: str = "xla"
-  weight_grad_3x3: str = "xla"
+  kernels: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -149,14 +134,7 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet-{self.depth} non_local={tuple(self.non_local)}: expected four "
                        "counts (stages 1..4), each at most the stage's blocks "
                        f"{STAGE_SIZES[self.depth]}.")
-    if self.conv_1x1 not in CONV_1X1:
-      raise ValueError(f"config.model.conv_1x1={self.conv_1x1!r}; expected one of {CONV_1X1}.")
-    if self.strided_input_grad not in STRIDED_INPUT_GRAD:
-      raise ValueError(f"config.model.strided_input_grad={self.strided_input_grad!r}; expected "
-                       f"one of {STRIDED_INPUT_GRAD}.")
-    if self.weight_grad_3x3 not in WEIGHT_GRAD_3X3:
-      raise ValueError(f"config.model.weight_grad_3x3={self.weight_grad_3x3!r}; expected one of "
-                       f"{WEIGHT_GRAD_3X3}.")
+    kernels = cpu_forms.resolve_kernels(self.kernels)
     x = x.astype(self.dtype)
     if self.first_stage == 0:
       x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
@@ -175,8 +153,7 @@ class ResNet(nn.Module):
         in_channels = stage_channels(self.depth, self.width, stage - 1) if block == 0 else None
         downsample = block == 0 and (strides != 1 or in_channels != filters * (
             4 if bottleneck else 1))
-        x = _Block(filters, strides, bottleneck, downsample, self.dtype, self.conv_1x1,
-                   self.strided_input_grad, self.weight_grad_3x3,
+        x = _Block(filters, strides, bottleneck, downsample, self.dtype, kernels,
                    name=f"layer{stage}_{block}")(x, train, mask)
         if block >= num_blocks - self.non_local[stage - 1]:
           x = NonLocal(dtype=self.dtype, name=f"non_local{stage}_{block}")(x, not train, mask)
