@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -416,6 +417,11 @@ class Trainer:
                                 config.data.single_modality_frac, config.seed)
     batch_size = self.sampler.batch_size
     self.stopped: str | None = None  # after `train`: why a signal stopped it, and where
+    # After `train`: per step of that call, (step, seconds from its start to the end of the
+    # step's iteration, seconds the iteration waited for its batch). The loop reads each step's
+    # skip flag one step later (faults.BadSteps), so it runs at most one step ahead of the
+    # device: over many steps, the differences are the device's step times.
+    self.timeline: list[tuple[int, float, float]] = []
     self._saving: int | None = None  # the step of the newest checkpoint save begun
     self.model, self.discriminator = build_model(config, self.sampler.num_classes,
                                                  self.num_modalities)
@@ -610,6 +616,7 @@ class Trainer:
     """
     config = self.config
     self.stopped = None
+    self.timeline = []
     manager = self.checkpoint_manager(for_training=True)
     writer = None
     try:
@@ -643,8 +650,16 @@ class Trainer:
         last_step = config.num_train_steps
         if max_steps is not None:
           last_step = min(last_step, initial_step + max_steps)
-        for step, batch in zip(range(initial_step + 1, last_step + 1),
-                               dataset.as_numpy_iterator()):
+        batches = dataset.as_numpy_iterator()
+        started = time.perf_counter()
+        window_start, waited = started, 0.0  # since the last log step
+        for step in range(initial_step + 1, last_step + 1):
+          wait_start = time.perf_counter()
+          batch = next(batches, None)
+          wait = time.perf_counter() - wait_start
+          if batch is None:
+            break
+          waited += wait
           with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state, metrics = self.train_step(state, self.device_batch(batch))
           pending.append(metrics)
@@ -656,8 +671,13 @@ class Trainer:
                        for k in pending[0]}
             summary = {(f"modal_weight/{modality_names[int(k.split('/')[1])]}"
                         if k.startswith("modal_weight/") else k): v for k, v in summary.items()}
+            now = time.perf_counter()
+            # The share of the loop's time spent waiting for the input pipeline.
+            summary["input_wait_fraction"] = waited / max(now - window_start, 1e-9)
+            window_start, waited = now, 0.0
             writer.write_scalars(step, summary)
             pending = []
+          self.timeline.append((step, time.perf_counter() - started, wait))
           if signals.received or manager.reached_preemption(step):
             self.stopped = (f"Stopped by {signals.received or 'a preemption notice'} at step "
                             f"{step} of {config.num_train_steps}; checkpoint written to "
