@@ -1,6 +1,6 @@
 r"""CAJ (Ye et al., "Channel Augmented Joint Learning for Visible-Infrared Recognition", ICCV 2021)
 on SYSU-MM01 (`sysu_mm01`): AGW (`configs/agw_sysu_mm01.py`) plus channel-exchange augmentation
-and random erasing (`config_lib.caj_recipe`).
+and random erasing, and CAJ's adaptive triplet in place of WRT (`config_lib.caj_recipe`).
 
 Every training tuple carries a second view of its RGB image, augmented on its own and with its
 channels exchanged (a random one of R, G, B copied to all three channels, or the grayscale
@@ -17,9 +17,9 @@ Presets (`--config configs/caj_sysu_mm01.py:NAME`): paper (default), demo and ti
 
 What to expect: WORKDIR/eval/sysu_mm01.json with the four SYSU-MM01 protocols. Published (CAJ's
 code, single-shot all-search, ImageNet start, flip-averaged test features): 69.88 Rank-1 / 66.89
-mAP / 53.61 mINP; NOT reproduced here. Those figures were trained with CAJ's "enhanced squared
-difference" triplet loss (its code's `--method adp`, `TripletLoss_ADP`) where this recipe keeps
-AGW's weighted regularised triplet, so lower figures are to be expected from this config.
+mAP / 53.61 mINP; NOT reproduced here (no SYSU-MM01 copy on the machines that built this). The
+metric loss is CAJ's "enhanced squared difference" triplet, as in those figures (its code's
+`--method adp --alpha 1 --gamma 1 --square 1`, `losses.adaptive_weighted_triplet`).
 """
 
 from __future__ import annotations

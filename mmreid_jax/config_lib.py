@@ -135,6 +135,11 @@ def two_stream_baseline(config: ml_collections.ConfigDict) -> ml_collections.Con
   loss = config.loss
   loss.cross_entropy = 1.0
   loss.wrt = 0.0
+  loss.wrt_agw_normaliser = True
+  loss.adaptive_triplet = 0.0
+  loss.adaptive_alpha = 1.0
+  loss.adaptive_gamma = 1.0
+  loss.adaptive_square = True
   loss.triplet = 0.0
   loss.center = 0.0
   loss.consistency = 0.0
@@ -199,10 +204,17 @@ def caj_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Turns an AGW config (`agw_recipe`) into CAJ's (Ye et al., ICCV 2021): a second view of
   every RGB image with its channels exchanged (a random one of R, G, B copied to all three, or
   grayscale; one more batch slot, `pipeline.training_slots`) and random erasing (p = 0.5, CAJ's
-  per-channel fill) of every image, RGB views and infrared alike. Returns `config`, changed."""
+  per-channel fill) of every image, RGB views and infrared alike; the metric loss is CAJ's
+  adaptive weighted triplet (`losses.adaptive_weighted_triplet`, its code's `--method adp`) with
+  its training script's `--alpha 1 --gamma 1 --square 1` in place of AGW's WRT. Returns
+  `config`, changed in place."""
   config.augment.exchange_view = True
   config.augment.erasing_prob = 0.5
   config.augment.erasing_fill = CAJ_ERASING_FILL
+  config.loss.wrt = 0.0
+  config.loss.adaptive_triplet = 1.0
+  config.loss.adaptive_alpha, config.loss.adaptive_gamma = 1.0, 1.0
+  config.loss.adaptive_square = True
   return config
 
 

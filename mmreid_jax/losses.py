@@ -114,12 +114,54 @@ def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
   return exp / jnp.where(total > 0, total, 1.0)
 
 
+# AGW's `softmax_weights` adds this to each normaliser.
+_AGW_NORMALISER_EPS = 1e-6
+
+
+def _agw_softmax_weights(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """AGW's `softmax_weights` over the rows of ``logits`` ``(N, N)``, entries where ``mask``:
+  shifted by the row maximum of ``logits * mask`` (so masked-out entries count as 0: for
+  negated distances the shift is 0, not the largest kept value), normaliser plus 1e-6, and the
+  shift not detached. Zeros where ``mask`` is false."""
+  kept = jnp.where(mask, logits, 0.0)
+  shifted = jnp.where(mask, kept - jnp.max(kept, axis=1, keepdims=True), 0.0)
+  exp = jnp.where(mask, jnp.exp(shifted), 0.0)
+  return exp / (jnp.sum(exp, axis=1, keepdims=True) + _AGW_NORMALISER_EPS)
+
+
+def _softmax_weighted_distances(
+  embeddings: jax.Array,
+  pids: jax.Array,
+  valid: jax.Array,
+  alpha: float,
+  agw_normaliser: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The weighted positive and negative distances of AGW's and CAJ's triplets.
+
+  Returns ``(d_p, d_n, anchors)``, each ``(N,)``: ``d_p(i) = sum_j softmax_{P_i}(alpha d_ij)
+  d_ij`` over the positives (the anchor itself included), ``d_n(i) = sum_k softmax_{N_i}(-alpha
+  d_ik) d_ik`` over the negatives, and the valid rows with at least one negative.
+  """
+  x = _rows_where(valid, embeddings.astype(jnp.float32))
+  dist = _pairwise_distances(x)
+  both_valid = valid[:, None] & valid[None, :]
+  same_pid = pids[:, None] == pids[None, :]
+  pos = both_valid & same_pid
+  neg = both_valid & ~same_pid
+  softmax = _agw_softmax_weights if agw_normaliser else _masked_softmax
+  d_p = jnp.sum(softmax(alpha * dist, pos) * dist, axis=1)
+  d_n = jnp.sum(softmax(-alpha * dist, neg) * dist, axis=1)
+  return d_p, d_n, valid & jnp.any(neg, axis=1)
+
+
 def weighted_regularized_triplet(
   embeddings: jax.Array,
   pids: jax.Array,
   valid: jax.Array,
+  *,
+  agw_normaliser: bool = True,
 ) -> jax.Array:
-  """AGW's weighted regularised triplet (WRT) loss, without a margin.
+  """AGW's weighted regularised triplet (WRT) loss, `TripletLoss_WRT` of AGW's code.
 
   Over the Euclidean distances ``d`` between valid rows (of every modality), for anchor ``i``
   with positives ``P_i`` (same pid, the anchor itself included, as in AGW's code) and negatives
@@ -130,26 +172,74 @@ def weighted_regularized_triplet(
     loss   = mean_i log(1 + exp(d_p(i) - d_n(i)))
 
   so far positives and near negatives weigh most, without choosing one hardest sample. The
-  weights are not detached (as in AGW). AGW adds 1e-6 to each softmax normaliser; it is left out
-  here (a normaliser is at least 1).
+  weights are not detached (as in AGW).
+
+  With ``agw_normaliser`` (the default, and AGW's configs) each softmax is AGW's: shifted by the
+  row maximum of the masked logits, which for the negatives is 0 rather than the largest
+  ``-d_ik``, with 1e-6 added to the normaliser. Once every negative is farther than about 14,
+  ``exp(-d)`` falls under 1e-6 and ``d_n`` shrinks towards 0, so at large feature scales the
+  loss is far above the exact softmax's (docs/design.md). ``agw_normaliser=False`` is the exact
+  softmax, shifted by the largest kept value.
 
   Args:
     embeddings: ``(N, D)`` features (pre-BNNeck in AGW).
     pids: ``(N,)`` int person ids.
     valid: ``(N,)`` bool, rows that count.
+    agw_normaliser: AGW's shift and 1e-6 (True) or the exact softmax (False).
 
   Returns:
     Scalar mean over valid anchors with at least one negative; 0.0 when there is none.
   """
-  x = _rows_where(valid, embeddings.astype(jnp.float32))
-  dist = _pairwise_distances(x)
-  both_valid = valid[:, None] & valid[None, :]
-  same_pid = pids[:, None] == pids[None, :]
-  pos = both_valid & same_pid
-  neg = both_valid & ~same_pid
-  d_p = jnp.sum(_masked_softmax(dist, pos) * dist, axis=1)
-  d_n = jnp.sum(_masked_softmax(-dist, neg) * dist, axis=1)
-  return _masked_mean(jax.nn.softplus(d_p - d_n), valid & jnp.any(neg, axis=1))
+  d_p, d_n, anchors = _softmax_weighted_distances(embeddings, pids, valid, 1.0, agw_normaliser)
+  return _masked_mean(jax.nn.softplus(d_p - d_n), anchors)
+
+
+# CAJ's `TripletLoss_ADP` clamps the squared difference here (exp(88) is near float32's limit).
+_ADP_SQUARE_CLAMP = 88.0
+
+
+def adaptive_weighted_triplet(
+  embeddings: jax.Array,
+  pids: jax.Array,
+  valid: jax.Array,
+  *,
+  alpha: float = 1.0,
+  gamma: float = 1.0,
+  square: bool = True,
+) -> jax.Array:
+  """CAJ's adaptive weighted triplet, `TripletLoss_ADP` of CAJ's code (its ``--method adp``).
+
+  The weighted distances of `weighted_regularized_triplet` with AGW's softmax weights over
+  ``alpha * d`` and ``-alpha * d`` (``alpha`` sharpens the mining), then, per anchor:
+
+    square=True:  x = min(gamma (d_p - d_n)^2, 88),
+                  loss = log(1 + exp(x)) if d_p > d_n else log(1 + exp(-x))
+    square=False: loss = log(1 + exp(-gamma (d_n - d_p)))
+
+  averaged over the anchors. CAJ's training script runs ``square=True``, ``alpha = gamma = 1``.
+  The comparison ``d_p > d_n`` carries no gradient, and none flows where the clamp holds.
+
+  Args:
+    embeddings: ``(N, D)`` features (pre-BNNeck, as AGW's).
+    pids: ``(N,)`` int person ids.
+    valid: ``(N,)`` bool, rows that count.
+    alpha: scale of the distances inside the softmax weights.
+    gamma: scale of the difference (or of its square).
+    square: the squared-difference form (True) or the scaled soft margin (False).
+
+  Returns:
+    Scalar mean over valid anchors with at least one negative; 0.0 when there is none.
+  """
+  d_p, d_n, anchors = _softmax_weighted_distances(embeddings, pids, valid, alpha, True)
+  if square:
+    squared = gamma * jnp.square(d_p - d_n)
+    # torch.clamp_max passes the gradient where the value equals the bound.
+    squared = jnp.where(squared > _ADP_SQUARE_CLAMP, _ADP_SQUARE_CLAMP, squared)
+    sign = jnp.where(jax.lax.stop_gradient(d_p > d_n), 1.0, -1.0)
+    per_anchor = jax.nn.softplus(sign * squared)
+  else:
+    per_anchor = jax.nn.softplus(gamma * (d_p - d_n))
+  return _masked_mean(per_anchor, anchors)
 
 
 def cross_modal_triplet(

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import math
+import sys
 from pathlib import Path
 
 import jax
@@ -63,22 +65,32 @@ def random_variables(module, rng: np.random.Generator, *args) -> dict:
 # ---------------------------------------------------------------- weighted regularised triplet
 
 
-def ref_wrt(emb: np.ndarray, pids: np.ndarray, valid: np.ndarray) -> float:
+def ref_wrt(emb: np.ndarray, pids: np.ndarray, valid: np.ndarray,
+            agw_normaliser: bool = True) -> float:
   """AGW's TripletLoss_WRT written as loops (float64): softmax weights of the distances over
   each anchor's positives (itself included) and of the negated distances over its negatives,
-  then the soft margin log(1 + exp(d_p - d_n)), averaged over anchors."""
+  then the soft margin log(1 + exp(d_p - d_n)), averaged over anchors. With `agw_normaliser`,
+  AGW's `softmax_weights`: the shift is the row maximum with the other entries counted as 0
+  (so 0 for the negatives) and each normaliser gets 1e-6; without, the exact softmax."""
   rows = [i for i in range(len(emb)) if valid[i]]
   total, count = 0.0, 0
+
+  def weights(logits: list[float]) -> np.ndarray:
+    if agw_normaliser:
+      shift = max(logits + [0.0])
+      e = np.exp(np.array(logits) - shift)
+      return e / (e.sum() + 1e-6)
+    e = np.exp(np.array(logits) - max(logits))
+    return e / e.sum()
+
   for i in rows:
-    dist = {j: float(np.linalg.norm(emb[i] - emb[j])) for j in rows}
+    dist = {j: max(float(np.linalg.norm(emb[i] - emb[j])), 1e-6) for j in rows}
     positives = [j for j in rows if pids[j] == pids[i]]
     negatives = [j for j in rows if pids[j] != pids[i]]
     if not negatives:
       continue
-    w_pos = np.exp([dist[j] for j in positives])
-    w_pos /= w_pos.sum()
-    w_neg = np.exp([-dist[j] for j in negatives])
-    w_neg /= w_neg.sum()
+    w_pos = weights([dist[j] for j in positives])
+    w_neg = weights([-dist[j] for j in negatives])
     d_p = sum(w * dist[j] for w, j in zip(w_pos, positives))
     d_n = sum(w * dist[j] for w, j in zip(w_neg, negatives))
     total += math.log1p(math.exp(d_p - d_n))
@@ -86,14 +98,16 @@ def ref_wrt(emb: np.ndarray, pids: np.ndarray, valid: np.ndarray) -> float:
   return total / count if count else 0.0
 
 
-_WRT = jax.jit(jax.value_and_grad(losses.weighted_regularized_triplet))
+_WRT = jax.jit(jax.value_and_grad(losses.weighted_regularized_triplet),
+               static_argnames="agw_normaliser")
 
 
 def test_wrt_written_out_weights():
   """Three points on a line, 0, 1 and 3, pids (a, a, b): anchor 0's positives are itself (d 0)
-  and point 1 (d 1), weighted e^0 : e^1; its one negative is at 3; and so on."""
+  and point 1 (d 1), weighted e^0 : e^1; its one negative is at 3; and so on (the exact
+  softmax)."""
   x = np.array([[0.0], [1.0], [3.0]], np.float32)
-  value, _ = _WRT(x, np.array([0, 0, 1]), np.ones(3, bool))
+  value, _ = _WRT(x, np.array([0, 0, 1]), np.ones(3, bool), agw_normaliser=False)
   e = math.e
   d_p = e / (1 + e)  # anchors 0 and 1: sum of w * d over {itself: 0, the other: 1}
   anchor0 = math.log1p(math.exp(d_p - 3.0))
@@ -103,28 +117,88 @@ def test_wrt_written_out_weights():
   assert float(value) == pytest.approx((anchor0 + anchor1 + anchor2) / 3, rel=1e-5)
 
 
-def test_wrt_matches_numpy_with_invalid_rows():
+def test_wrt_agw_normaliser_shrinks_far_negatives():
+  """Points at 0, 0.5 and 30, pids (a, a, b): with AGW's normaliser the one negative of anchor
+  0 weighs e^-30 / (e^-30 + 1e-6), so its weighted distance is about 2.8e-6, not 30; the exact
+  softmax gives it weight 1."""
+  x = np.array([[0.0], [0.5], [30.0]], np.float32)
+  pids, valid = np.array([0, 0, 1]), np.ones(3, bool)
+  agw, _ = _WRT(x, pids, valid, agw_normaliser=True)
+  exact, _ = _WRT(x, pids, valid, agw_normaliser=False)
+  w_self, w_other = math.exp(1e-6 - 0.5), 1.0  # shifted by the largest positive distance
+  d_p = (w_self * 1e-6 + w_other * 0.5) / (w_self + w_other + 1e-6)
+  negative = lambda d: d * math.exp(-d) / (math.exp(-d) + 1e-6)  # noqa: E731
+  anchor0 = math.log1p(math.exp(d_p - negative(30.0)))
+  anchor1 = math.log1p(math.exp(d_p - negative(29.5)))
+  anchor2 = math.log1p(math.exp(1e-6 - (30 * math.exp(-30) + 29.5 * math.exp(-29.5))
+                                / (math.exp(-30) + math.exp(-29.5) + 1e-6)))
+  assert float(agw) == pytest.approx((anchor0 + anchor1 + anchor2) / 3, rel=1e-5)
+  assert float(agw) > 0.6 and float(exact) < 1e-9
+
+
+@pytest.mark.parametrize("agw_normaliser", [True, False])
+def test_wrt_matches_numpy_with_invalid_rows(agw_normaliser: bool):
   rng = np.random.default_rng(0)
-  emb = rng.standard_normal((12, 5)).astype(np.float32)
+  emb = (4.0 * rng.standard_normal((12, 5))).astype(np.float32)
   pids = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
   valid = np.array([True, True, False, True, True, True, True, False, True, True, True, False])
   garbage = emb.copy()
   garbage[~valid] = np.nan  # absent rows must not reach the value or the gradient
-  value, grad = _WRT(garbage, pids, valid)
-  assert float(value) == pytest.approx(ref_wrt(emb.astype(np.float64), pids, valid), rel=1e-5)
+  value, grad = _WRT(garbage, pids, valid, agw_normaliser=agw_normaliser)
+  reference = functools.partial(ref_wrt, pids=pids, valid=valid, agw_normaliser=agw_normaliser)
+  assert float(value) == pytest.approx(reference(emb.astype(np.float64)), rel=1e-5)
   grad = np.asarray(grad)
   assert np.all(np.isfinite(grad)) and np.all(grad[~valid] == 0)
   # The gradient flows through the softmax weights too (they are not detached, as in AGW).
   eps = 1e-3
-  numeric = np.zeros_like(emb)
   for i in np.flatnonzero(valid)[:4]:
     for k in range(2):
-      plus, minus = emb.copy(), emb.copy()
+      plus, minus = emb.astype(np.float64), emb.astype(np.float64)
       plus[i, k] += eps
       minus[i, k] -= eps
-      numeric[i, k] = (ref_wrt(plus.astype(np.float64), pids, valid)
-                       - ref_wrt(minus.astype(np.float64), pids, valid)) / (2 * eps)
-      assert grad[i, k] == pytest.approx(numeric[i, k], rel=2e-2, abs=1e-4)
+      numeric = (reference(plus) - reference(minus)) / (2 * eps)
+      assert grad[i, k] == pytest.approx(numeric, rel=2e-2, abs=1e-4)
+
+
+def _authors_reference() -> tuple[dict, dict]:
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+  import make_loss_reference  # pylint: disable=import-outside-toplevel
+  with np.load(make_loss_reference.REFERENCE_PATH) as data:
+    return dict(data), make_loss_reference.LOSSES
+
+
+_AUTHORS, _AUTHORS_LOSSES = _authors_reference()
+
+
+@pytest.mark.parametrize("name", sorted(_AUTHORS_LOSSES))
+def test_triplets_match_the_authors_code(name: str):
+  """AGW's `TripletLoss_WRT` and CAJ's `TripletLoss_ADP` as the authors' code computes them
+  (tests/data/agw_caj_loss_reference.npz, made by tests/make_loss_reference.py from their
+  loss.py files, in float32): value and gradient at feature scales 0.1 to 8, where AGW's
+  normaliser and CAJ's clamp at 88 matter, on the whole batch and on the batch whose dropped
+  rows are marked invalid (holding NaN here; their gradient must be exactly 0)."""
+  _, cls, kwargs = _AUTHORS_LOSSES[name]
+  if cls == "TripletLoss_WRT":
+    loss = losses.weighted_regularized_triplet
+  else:
+    loss = functools.partial(losses.adaptive_weighted_triplet, alpha=float(kwargs["alpha"]),
+                             gamma=float(kwargs["gamma"]), square=bool(kwargs["square"]))
+  value_and_grad = jax.jit(jax.value_and_grad(loss))
+  keep = _AUTHORS["valid"]
+  for index, scale in enumerate(_AUTHORS["scales"]):
+    x, pids = _AUTHORS[f"embeddings_{index}"], _AUTHORS[f"pids_{index}"]
+    garbage = x.copy()
+    garbage[~keep] = np.nan
+    for suffix, inputs, valid in (("", x, np.ones(len(x), bool)), ("_valid", garbage, keep)):
+      value, grad = value_and_grad(inputs, pids, valid)
+      grad = np.asarray(grad)
+      expected = _AUTHORS[f"{name}{suffix}_value_{index}"]
+      expected_grad = _AUTHORS[f"{name}{suffix}_grad_{index}"]
+      where = f"{name}{suffix} at scale {scale}"
+      assert float(value) == pytest.approx(float(expected), rel=2e-4), where
+      np.testing.assert_allclose(grad[valid], expected_grad, rtol=0,
+                                 atol=2e-4 * np.abs(expected_grad).max() + 1e-12, err_msg=where)
+      assert np.all(grad[~valid] == 0), where
 
 
 def test_wrt_without_negatives_is_zero():
@@ -317,7 +391,8 @@ def test_agw_step_has_exactly_its_loss_terms():
       "loss/cross_entropy", "loss/discriminator", "loss/total", "loss/wrt"]
   assert not any(k.startswith(("modal_weight/", "classifier/")) for k in metrics)
   caj = _step_metrics(load("caj_sysu_mm01.py", "tiny"), slots=(0, 1, 0))
-  assert "loss/wrt" in caj
+  assert sorted(k for k in caj if k.startswith("loss/")) == [
+      "loss/adaptive_triplet", "loss/cross_entropy", "loss/discriminator", "loss/total"]
   config.loss.reconstruction = 1.0
   with pytest.raises(ValueError, match=r"config.loss.reconstruction=1.0 needs the model outputs "
                                        r"\['reconstruction'.*AGW does not produce"):
@@ -384,10 +459,17 @@ def test_baseline_paper_presets(config_file, arg, name, steps_per_epoch):
   assert (config.data.height, config.data.width) == (288, 144)
   assert (config.data.num_identities, config.data.tuples_per_identity) == (8, 4)
   assert config.data.single_modality_frac == 0.0
+  caj = config_file.startswith("caj")
   weights = {k: v for k, v in config.loss.items() if k in (
-      "cross_entropy", "wrt", "triplet", "center", "consistency", "reconstruction")}
-  assert weights == {"cross_entropy": 1.0, "wrt": 1.0, "triplet": 0.0, "center": 0.0,
+      "cross_entropy", "wrt", "adaptive_triplet", "triplet", "center", "consistency",
+      "reconstruction")}
+  assert weights == {"cross_entropy": 1.0, "wrt": 0.0 if caj else 1.0,
+                     "adaptive_triplet": 1.0 if caj else 0.0, "triplet": 0.0, "center": 0.0,
                      "consistency": 0.0, "reconstruction": 0.0}
+  # AGW's normaliser; CAJ's training script's --alpha 1 --gamma 1 --square 1.
+  assert config.loss.wrt_agw_normaliser
+  assert (config.loss.adaptive_alpha, config.loss.adaptive_gamma,
+          config.loss.adaptive_square) == (1.0, 1.0, True)
   tx, schedule = train.make_optimizer(config.optim, 32, config.num_train_steps)
   assert config.num_train_steps == 81 * steps_per_epoch
   epoch = steps_per_epoch
@@ -395,7 +477,6 @@ def test_baseline_paper_presets(config_file, arg, name, steps_per_epoch):
                                         50 * epoch - 1, 50 * epoch, 81 * epoch - 1)]
   np.testing.assert_allclose(rates, [0.05, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-4)
   assert config.optim.lr_multipliers == ((r"^(stem_|shared/)", 0.1),)
-  caj = config_file.startswith("caj")
   assert config.augment.exchange_view == caj
   assert config.augment.erasing_prob == (0.5 if caj else 0.0)
   assert config.augment.channel_prob == 0.0
@@ -413,6 +494,42 @@ def test_baseline_tiny_and_demo_presets_keep_the_shared_budget():
               == dict(paper.optim.items())) and not config.optim.lr_multipliers
       assert config.num_train_steps == paper.num_train_steps
       assert (config.data.height, config.data.width) == (paper.data.height, paper.data.width)
+
+
+def _compare_baselines_script():
+  spec = importlib.util.spec_from_file_location("compare_baselines",
+                                                ROOT / "scripts" / "compare_baselines.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_compare_baselines_equal_images_per_step_and_seed_statistics(tmp_path):
+  """The side-by-side's budget: K per method for 96 images per step (the paper's demo recipe
+  one image per tuple, AGW two, CAJ three; P = 8), a budget no K gives is refused; with three
+  seeds the table holds the mean and the ddof-0 standard deviation of the seeds' values."""
+  script = _compare_baselines_script()
+  assert {m: script.tuples_per_identity(m, "demo", 96) for m in ("paper", "agw", "caj")} == {
+      "paper": 12, "agw": 6, "caj": 4}
+  with pytest.raises(SystemExit, match="not a multiple of caj's P x images per tuple = 8 x 3"):
+    script.tuples_per_identity("caj", "demo", 64)
+  rank1 = {"agw": [0.5, 0.6, 0.7], "caj": [0.8, 0.8, 0.9]}
+  for method, values in rank1.items():
+    for seed, value in enumerate(values):
+      report = {"step": 1500, "protocols": {p: {"rank1": value, "mAP": value / 2, "mINP": 0.1}
+                                            for p in script.PROTOCOLS}}
+      path = tmp_path / method / f"seed{seed}" / "eval" / "sysu_mm01.json"
+      path.parent.mkdir(parents=True)
+      path.write_text(json.dumps(report))
+  table = script.results_table(tmp_path, ["agw", "caj"], "demo", "demo", 3, 96,
+                               {"agw": 6, "caj": 4}, {})
+  rows = {line.split(" | ")[0]: line.split(" | ") for line in table.splitlines()}
+  agw = rows["| AGW (non-local, GeM, BNNeck, ID + WRT)"]
+  assert agw[3:7] == ["6", f"{100 * np.mean(rank1['agw']):.1f} ± "
+                      f"{100 * np.std(rank1['agw']):.1f}",
+                      f"{50 * np.mean(rank1['agw']):.1f} ± {50 * np.std(rank1['agw']):.1f}",
+                      "10.0 ± 0.0"]
+  assert "over 3 seeds" in table and "--images-per-step 96" in table
 
 
 # ---------------------------------------------------------------- CAJ's augmentation
