@@ -3,9 +3,9 @@
 One jitted `train_step` does two optax updates (DESIGN.md section 4):
 1. the generator (backbone, attention, fusion, BNNeck, classifier) minimises
    w_ce * CE + w_tri * triplet + w_cen * center + w_con * confusion + w_rec * reconstruction
-   (+ w_wrt * WRT for AGW, + w_adaptive_triplet * adaptive triplet for CAJ) with the
-   discriminator's parameters held fixed; a term whose weight is 0 is not computed, and CE is
-   the identity loss of the model's classifier (`IDENTITY_LOSSES`);
+   (+ w_wrt * WRT for the AGW baseline) with the discriminator's parameters held fixed; a term
+   whose weight is 0 is not computed, and CE is the identity loss of the model's classifier
+   (`IDENTITY_LOSSES`);
 2. the discriminator minimises its modality cross-entropy on the generator's pre-BNNeck
    features of this step (computed before the generator update, gradient stopped); with
    w_con = 0 it does not affect the network and only measures how separable the modalities are.
@@ -66,11 +66,6 @@ class TrainState(flax.struct.PyTreeNode):
 
 # Model attributes that come from the data or `config.dtype`, not from `config.model`.
 _DATA_ATTRIBUTES = ("parent", "name", "num_classes", "num_modalities", "dtype")
-# `config.model` keys that configure the run rather than the network class.
-_RUN_MODEL_KEYS = ("name", "discriminator_hidden", "pretrained")
-# `config.model` keys of earlier versions, dropped when an old WORKDIR/config.json is read: they
-# chose CPU convolution forms with the same parameters (now `config.model.kernels`).
-RETIRED_MODEL_KEYS = ("conv_1x1", "strided_input_grad", "weight_grad_3x3")
 
 
 def _as_static(value: Any) -> Any:
@@ -87,11 +82,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
   The network class (`models.MODELS`) takes every attribute it declares from the `config.model`
   key of the same name (the class default where the config has no such key), so one network
   class serves several recipes by its switches (AGW is `MultimodalReID` with other defaults).
-
-  Raises:
-    ValueError: an unknown dtype or model name, or a `config.model` key that is neither an
-      attribute of the network class nor a run key (a misspelt key would otherwise train another
-      model than the one written).
   """
   if config.dtype not in DTYPES:
     raise ValueError(f"config.dtype={config.dtype!r}; expected one of {sorted(DTYPES)}.")
@@ -101,11 +91,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
   model_cls = MODELS[model_cfg.name]
   attributes = [f.name for f in dataclasses.fields(model_cls)
                 if f.init and f.name not in _DATA_ATTRIBUTES]
-  unknown = sorted(set(model_cfg) - set(attributes) - set(_RUN_MODEL_KEYS))
-  if unknown:
-    valid = ", ".join(sorted([*attributes, *_RUN_MODEL_KEYS]))
-    raise ValueError(f"config.model has unknown key(s) {', '.join(unknown)} for model "
-                     f"{model_cfg.name!r} ({model_cls.__name__}); valid keys: {valid}.")
   model = model_cls(num_classes=num_classes, num_modalities=num_modalities,
                     dtype=DTYPES[config.dtype],
                     **{k: _as_static(model_cfg[k]) for k in attributes if k in model_cfg})
@@ -325,12 +310,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       terms["center"] = losses.center_alignment(features, flat_labels, flat_modalities, valid,
                                                 max(modalities) + 1)
     if w.get("wrt", 0.0):
-      terms["wrt"] = losses.weighted_regularized_triplet(
-          features, flat_labels, valid, agw_normaliser=w.get("wrt_agw_normaliser", True))
-    if w.get("adaptive_triplet", 0.0):
-      terms["adaptive_triplet"] = losses.adaptive_weighted_triplet(
-          features, flat_labels, valid, alpha=w.adaptive_alpha, gamma=w.adaptive_gamma,
-          square=w.adaptive_square)
+      terms["wrt"] = losses.weighted_regularized_triplet(features, flat_labels, valid)
     if w.consistency:
       disc_logits = discriminator.apply({"params": state.disc_params}, features)
       terms["consistency"] = losses.modality_confusion_loss(disc_logits, valid)
@@ -845,7 +825,4 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"No {path}: not a training workdir (training writes its resolved "
                             "config there).")
   with open(path) as f:
-    saved = json.load(f)
-  for key in RETIRED_MODEL_KEYS:
-    saved.get("model", {}).pop(key, None)
-  return ml_collections.ConfigDict(saved)
+    return ml_collections.ConfigDict(json.load(f))

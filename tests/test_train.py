@@ -32,7 +32,6 @@ import pytest
 from mmreid_jax import train
 from mmreid_jax.data.pipeline import train_batches
 
-
 ROOT = Path(__file__).resolve().parents[1]
 # For `--dist loadgroup`: one worker should run this module and test_main.py. (pytest-xdist 3.8
 # cannot group under pytest 9, whose node ids it fails to rename; `compile_lock` copes.)
@@ -431,26 +430,6 @@ def test_gradient_clipping_option():
 # fusion's stripe projections and the classifier's class weights; nothing else (not BatchNorm
 # scales, biases, the fusion's `corr_bias` and `corr_pair_logits`, nor the scalars).
 DECAYED_NAMES = ("kernel", "corr_left", "corr_right", "weights")
-
-
-def test_misspelt_model_key_is_refused_and_retired_keys_are_dropped(tmp_path: Path):
-  """A `config.model` key that is no attribute of the network (a misspelling) stops the build,
-  naming the key and the valid ones, instead of training the class default; the CPU-form keys
-  of earlier versions' WORKDIR/config.json are dropped when it is read."""
-  config = load_config("tiny", "unused")
-  with config.unlocked():
-    config.model.embed_dimm = 256
-  with pytest.raises(ValueError, match=r"unknown key\(s\) embed_dimm for model 'joint_attention' "
-                     r"\(MultimodalReID\); valid keys: .*\bembed_dim\b.*\bpretrained\b"):
-    train.build_model(config, num_classes=8, num_modalities=3)
-  del config.model.embed_dimm
-  with config.unlocked():
-    config.model.conv_1x1 = "dot"
-  train.write_config(config, str(tmp_path))
-  saved = train.read_config(str(tmp_path))
-  assert "conv_1x1" not in saved.model and saved.model.embed_dim == config.model.embed_dim
-  assert train.build_model(saved, num_classes=8, num_modalities=3)[0].embed_dim == (
-      config.model.embed_dim)
 
 
 def test_weight_decay_applies_to_kernels_only():
