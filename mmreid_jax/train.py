@@ -3,9 +3,9 @@
 One jitted `train_step` does two optax updates (DESIGN.md section 4):
 1. the generator (backbone, attention, fusion, BNNeck, classifier) minimises
    w_ce * CE + w_tri * triplet + w_cen * center + w_con * confusion + w_rec * reconstruction
-   (+ w_wrt * WRT for the AGW baseline) with the discriminator's parameters held fixed; a term
-   whose weight is 0 is not computed, and CE is the identity loss of the model's classifier
-   (`IDENTITY_LOSSES`);
+   (+ w_wrt * WRT for AGW, + w_adaptive_triplet * adaptive triplet for CAJ) with the
+   discriminator's parameters held fixed; a term whose weight is 0 is not computed, and CE is
+   the identity loss of the model's classifier (`IDENTITY_LOSSES`);
 2. the discriminator minimises its modality cross-entropy on the generator's pre-BNNeck
    features of this step (computed before the generator update, gradient stopped); with
    w_con = 0 it does not affect the network and only measures how separable the modalities are.
@@ -310,7 +310,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       terms["center"] = losses.center_alignment(features, flat_labels, flat_modalities, valid,
                                                 max(modalities) + 1)
     if w.get("wrt", 0.0):
-      terms["wrt"] = losses.weighted_regularized_triplet(features, flat_labels, valid)
+      terms["wrt"] = losses.weighted_regularized_triplet(
+          features, flat_labels, valid, agw_normaliser=w.get("wrt_agw_normaliser", True))
+    if w.get("adaptive_triplet", 0.0):
+      terms["adaptive_triplet"] = losses.adaptive_weighted_triplet(
+          features, flat_labels, valid, alpha=w.adaptive_alpha, gamma=w.adaptive_gamma,
+          square=w.adaptive_square)
     if w.consistency:
       disc_logits = discriminator.apply({"params": state.disc_params}, features)
       terms["consistency"] = losses.modality_confusion_loss(disc_logits, valid)
