@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 # method -> (config file in configs/, what it is, overrides of that config)
 METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "paper": ("sysu_mm01.py", "the paper's model (joint attention, three-branch fusion, four "

@@ -16,7 +16,6 @@ import functools
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import jax
@@ -32,6 +31,8 @@ from mmreid_jax.data.sampling import TupleSampler
 from mmreid_jax.models import AGW, MODELS, MultimodalReID
 from mmreid_jax.models.layers import NonLocal, gem_pool
 from mmreid_jax.models.resnet import ResNet
+
+import make_loss_reference  # tests/, on the path as the test's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 1e-6
@@ -160,14 +161,9 @@ def test_wrt_matches_numpy_with_invalid_rows(agw_normaliser: bool):
       assert grad[i, k] == pytest.approx(numeric, rel=2e-2, abs=1e-4)
 
 
-def _authors_reference() -> tuple[dict, dict]:
-  sys.path.insert(0, str(Path(__file__).resolve().parent))
-  import make_loss_reference  # pylint: disable=import-outside-toplevel
-  with np.load(make_loss_reference.REFERENCE_PATH) as data:
-    return dict(data), make_loss_reference.LOSSES
-
-
-_AUTHORS, _AUTHORS_LOSSES = _authors_reference()
+with np.load(make_loss_reference.REFERENCE_PATH) as _data:
+  _AUTHORS = dict(_data)
+_AUTHORS_LOSSES = make_loss_reference.LOSSES
 
 
 @pytest.mark.parametrize("name", sorted(_AUTHORS_LOSSES))
@@ -496,9 +492,9 @@ def test_baseline_tiny_and_demo_presets_keep_the_shared_budget():
       assert (config.data.height, config.data.width) == (paper.data.height, paper.data.width)
 
 
-def _compare_baselines_script():
-  spec = importlib.util.spec_from_file_location("compare_baselines",
-                                                ROOT / "scripts" / "compare_baselines.py")
+def _load_script(name: str):
+  """scripts/NAME.py as a module."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -508,7 +504,7 @@ def test_compare_baselines_equal_images_per_step_and_seed_statistics(tmp_path):
   """The side-by-side's budget: K per method for 96 images per step (the paper's demo recipe
   one image per tuple, AGW two, CAJ three; P = 8), a budget no K gives is refused; with three
   seeds the table holds the mean and the ddof-0 standard deviation of the seeds' values."""
-  script = _compare_baselines_script()
+  script = _load_script("compare_baselines")
   assert {m: script.tuples_per_identity(m, "demo", 96) for m in ("paper", "agw", "caj")} == {
       "paper": 12, "agw": 6, "caj": 4}
   with pytest.raises(SystemExit, match="not a multiple of caj's P x images per tuple = 8 x 3"):
@@ -585,10 +581,7 @@ def test_training_slots_and_the_second_view_in_batches(tiny_synthetic):
 @pytest.fixture(scope="module")
 def synthetic_sysu(tmp_path_factory) -> Path:
   """`synthetic_mm/tiny` written in SYSU-MM01's layout by scripts/export_synthetic.py."""
-  spec = importlib.util.spec_from_file_location("export_synthetic",
-                                                ROOT / "scripts" / "export_synthetic.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _load_script("export_synthetic")
   output = tmp_path_factory.mktemp("synthetic_sysu") / "tree"
   assert module.main(["--layout", "sysu_mm01", "--output", str(output), "--config", "tiny"]) == 0
   return output
