@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mmreid_jax import evaluate, train
+from mmreid_jax import evaluate, train, train_step
 from mmreid_jax.data import augment, datasets
 
 
@@ -52,7 +52,7 @@ class Embedder:
   forward pass.
 
   Args:
-    model: the ReID network (`train.build_model`).
+    model: the ReID network (`train_step.build_model`).
     variables: its {"params", "batch_stats"}.
     modality_names: the dataset's ordered modalities (the model's modality indices).
     height, width: the model's input size (`config.data.height`, `config.data.width`).
@@ -90,7 +90,7 @@ class Embedder:
       raise ValueError(f"The checkpoint of {workdir} has {len(stems)} modality stems, but "
                        f"config.data.name={config.data.name!r} has modalities {modality_names}.")
     num_classes = variables["params"]["classifier"]["weights"].shape[0]
-    model, _ = train.build_model(config, num_classes, len(modality_names))
+    model, _ = train_step.build_model(config, num_classes, len(modality_names))
     return cls(model, variables, modality_names, config.data.height, config.data.width,
                flip=config.eval.flip if flip is None else flip,
                batch_size=config.eval.batch_size if batch_size is None else batch_size,

@@ -8,10 +8,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from mmreid_jax import evaluate, faults, scene_analysis, train
+from mmreid_jax import evaluate, faults, scene_analysis, train, train_step
 
 
-def _evaluate_state(trainer: train.Trainer, state: train.TrainState) -> dict[str, Any]:
+def _evaluate_state(trainer: train.Trainer, state: train_step.TrainState) -> dict[str, Any]:
   report = evaluate.evaluate_model(
       trainer.config, trainer.builder, trainer.model,
       {"params": state.params, "batch_stats": state.batch_stats}, int(state.step),

@@ -4,6 +4,15 @@ backend JAX finds, timed in bfloat16 and float32; prints a table and writes JSON
 
   python scripts/accelerator_check.py --output runs/accelerator_check.json   # paper preset
   python scripts/accelerator_check.py --preset tiny --output /tmp/check.json  # a CPU, seconds
+  python scripts/accelerator_check.py --input host_arrays --output runs/check.json  # no TF
+
+`--input pipeline` (default) runs `Trainer.train`, the tf.data pipeline feeding the jitted step.
+`--input host_arrays` needs no TensorFlow (a machine where it is not installed): the same jitted
+`train_step.train_step`, built as `Trainer` builds it (shardings, donation, optimizers), is fed
+seeded random batches of the config's shapes (P x K tuples, one slot per modality, about
+`single_modality_frac` single-modality tuples) copied from the host every step, so the step
+time includes the host-to-device copy but no decoding or augmentation; `--num-classes`
+sizes the classifier (default 395, SYSU-MM01's training identities).
 
 `--preset` is a preset of configs/synthetic.py ("paper": ResNet-50 at 288 x 144, P x K = 8 x 4,
 three modalities); `--config.KEY=VALUE` overrides it as on `mmreid_jax.main`'s command line.
@@ -12,6 +21,7 @@ in config.data.data_dir, TFDS's default folder unless overridden, prepared there
 the loop logs every `--warmup` steps and saves one checkpoint at the end.
 
 Keys of the JSON:
+  input                   "pipeline" or "host_arrays".
   device                  platform, device_kind, devices (local), jax version.
   runs.<dtype>.step_s     seconds a step over the timed steps (the loop runs at most one step
                           ahead of the device, so their mean is the device's step time);
@@ -44,6 +54,7 @@ import json
 import os
 import statistics
 import sys
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -124,26 +135,114 @@ def time_training(config, steps: int, warmup: int, workdir: str,
   timeline = trainer.timeline
   if len(timeline) != warmup + steps:
     raise RuntimeError(f"The loop ran {len(timeline)} steps, not {warmup + steps}.")
-  ends = [end for _, end, _ in timeline]
-  waits = [wait for _, _, wait in timeline[warmup:]]
-  step_times = list(np.diff(ends[warmup - 1:]))
-  window = ends[-1] - ends[warmup - 1]
-  step_s = window / steps
-
   batch = next(train_batches(trainer.train_set, trainer.sampler, config, 0, 1)
                .as_numpy_iterator())
   abstract_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.replicated),
       trainer.abstract_state)
   cost = trainer.train_step.lower(abstract_state, trainer.device_batch(batch)).cost_analysis()
+  return _timings([end for _, end, _ in timeline], [wait for _, _, wait in timeline[warmup:]],
+                  warmup, steps, compiles, cost,
+                  int(np.prod(batch["present"].shape)) * jax.process_count(), trainer.mesh.size)
+
+
+def time_host_arrays(config, steps: int, warmup: int, compile_log: CompileLog,
+                     num_classes: int, num_modalities: int) -> dict[str, Any]:
+  """Times `warmup + steps` jitted train steps fed from host arrays (no tf.data), the last
+  `steps` timed; the loop runs at most one step ahead of the device, as `Trainer.train` does."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  from mmreid_jax import faults  # pylint: disable=import-outside-toplevel
+  from mmreid_jax import train_step as step_lib  # pylint: disable=import-outside-toplevel
+  from mmreid_jax.optimizers import make_optimizer  # pylint: disable=import-outside-toplevel
+
+  if config.augment.get("exchange_view", False):
+    raise SystemExit("error: --input host_arrays builds one slot per modality; "
+                     "config.augment.exchange_view=True needs --input pipeline.")
+  mesh = step_lib.make_mesh()
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  identities, per_identity = config.data.num_identities, config.data.tuples_per_identity
+  batch_size = identities * per_identity
+  if batch_size % jax.process_count() or (batch_size // jax.process_count()) % mesh.local_mesh.size:
+    raise SystemExit(f"error: {batch_size} tuples a step do not divide over the devices.")
+  total_steps = warmup + steps
+  model, discriminator = step_lib.build_model(config, num_classes, num_modalities)
+  tx, schedule = make_optimizer(config.optim, batch_size, total_steps)
+  disc_tx, disc_schedule = make_optimizer(config.disc_optim, batch_size, total_steps)
+  init = functools.partial(step_lib.create_train_state, model=model, discriminator=discriminator,
+                           tx=tx, disc_tx=disc_tx, image_shape=(config.data.height,
+                                                                config.data.width),
+                           num_modalities=num_modalities)
+  key = jax.random.key_data(jax.random.key(config.seed))
+  state = jax.jit(init, out_shardings=replicated)(key)
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(init, key))
+  step_fn = jax.jit(functools.partial(step_lib.train_step, model=model,
+                                      discriminator=discriminator, loss_config=config.loss,
+                                      schedules=(schedule, disc_schedule)),
+                    in_shardings=(replicated, batch_sharding),
+                    out_shardings=(replicated, replicated), donate_argnums=0)
+
+  rng = np.random.default_rng(config.seed)
+  local = batch_size // jax.process_count()
+  host_batches = []
+  for _ in range(4):
+    present = np.ones((local, num_modalities), bool)
+    single = rng.random(local) < config.data.single_modality_frac
+    present[single] = np.eye(num_modalities, dtype=bool)[rng.integers(0, num_modalities,
+                                                                      single.sum())]
+    images = rng.integers(0, 256, (local, num_modalities, config.data.height,
+                                   config.data.width, 3), dtype=np.uint8)
+    images[~present] = 0
+    labels = np.repeat(rng.choice(num_classes, identities, replace=False),
+                       per_identity)[:local].astype(np.int32)
+    host_batches.append({"images": images, "present": present, "labels": labels})
+
+  def device_batch(batch):
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+            for k, v in batch.items()}
+
+  before = len(compile_log.compiles)
+  # Compiled once ahead of the loop: XLA's cost analysis of the compiled program also holds the
+  # FLOPs on GPUs, where that of the lowered program has none.
+  step_fn = step_fn.lower(abstract_state, device_batch(host_batches[0])).compile()
+  ends, waits, previous = [], [], None
+  start = time.perf_counter()
+  for i in range(total_steps):
+    copy_start = time.perf_counter()
+    batch = device_batch(host_batches[i % len(host_batches)])
+    waits.append(time.perf_counter() - copy_start)
+    state, metrics = step_fn(state, batch)
+    if previous is not None:
+      float(previous[faults.SKIPPED_METRIC])  # one step behind, as Trainer.train reads it
+    previous = metrics
+    ends.append(time.perf_counter() - start)
+  jax.block_until_ready((state, previous))
+  ends[-1] = time.perf_counter() - start
+  compiles = [s for name, s in compile_log.compiles[before:] if "train_step" in name]
+  cost = step_fn.cost_analysis()
+  return _timings(ends, waits[warmup:], warmup, steps, compiles, cost,
+                  int(np.prod(host_batches[0]["present"].shape)) * jax.process_count(),
+                  mesh.size)
+
+
+def _timings(ends: list[float], waits: list[float], warmup: int, steps: int,
+             compiles: list[float], cost: Any, images: int, devices: int) -> dict[str, Any]:
+  """The JSON's run entry from the loop's step end times (seconds from its start), the timed
+  steps' input waits, the train step's compile times and XLA's cost analysis."""
+  step_times = list(np.diff(ends[warmup - 1:]))
+  window = ends[-1] - ends[warmup - 1]
+  step_s = window / steps
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  images = int(np.prod(batch["present"].shape)) * jax.process_count()
   return {"step_s": step_s, "step_times_s": step_times, "images_per_step": images,
           "images_per_s": images / step_s, "compile_s": sum(compiles), "compiles": len(compiles),
           "flops_per_step": flops, "achieved_flops_per_s": flops / step_s,
           "input_wait_s": statistics.median(waits), "input_wait_fraction": sum(waits) / window,
-          "input_kept_up": sum(waits) / window < KEPT_UP, "devices": trainer.mesh.size}
+          "input_kept_up": sum(waits) / window < KEPT_UP, "devices": devices}
 
 
 def batch_norm_forms(shape: tuple[int, ...], repeats: int = 5) -> dict[str, Any]:
@@ -188,6 +287,14 @@ def batch_norm_forms(shape: tuple[int, ...], repeats: int = 5) -> dict[str, Any]
   return results
 
 
+def write_json(results: dict[str, Any], path: str) -> None:
+  """Writes `results` to `path` atomically (a temporary file, then a rename)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   overrides = [a for a in argv if a.startswith(("--config.", "--noconfig."))]
   argv = [a for a in argv if not a.startswith(("--config.", "--noconfig."))]
@@ -197,6 +304,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--steps", type=int, default=20, help="Timed train steps.")
   parser.add_argument("--warmup", type=int, default=5, help="Untimed steps first (>= 1).")
   parser.add_argument("--dtypes", default=",".join(DTYPES), help="Comma-separated.")
+  parser.add_argument("--input", choices=("pipeline", "host_arrays"), default="pipeline",
+                      help="What feeds the step: Trainer.train's tf.data pipeline, or random "
+                      "host arrays (no TensorFlow needed).")
+  parser.add_argument("--num-classes", type=int, default=395,
+                      help="--input host_arrays: the classifier's identities.")
+  parser.add_argument("--num-modalities", type=int, default=3,
+                      help="--input host_arrays: the modalities (slots) of a tuple.")
   parser.add_argument("--matmul-size", type=int, default=2048,
                       help="A CPU's peak: the float32 matmul size timed.")
   args = parser.parse_args(argv)
@@ -215,17 +329,18 @@ def main(argv: list[str] | None = None) -> int:
         str(ROOT / "configs" / f"synthetic.py:{args.preset}"), overrides)
   except ValueError as error:
     raise SystemExit(f"error: {error}") from error
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  if args.input == "pipeline":
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-  tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; JAX owns accelerators.
+    tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; JAX owns accelerators.
   import jax  # pylint: disable=import-outside-toplevel
 
-  from mmreid_jax import train  # pylint: disable=import-outside-toplevel
+  from mmreid_jax import train_step  # pylint: disable=import-outside-toplevel
   from mmreid_jax.models.resnet import stage_channels  # pylint: disable=import-outside-toplevel
 
   device = jax.local_devices()[0]
   results: dict[str, Any] = {
-      "preset": args.preset, "overrides": overrides,
+      "preset": args.preset, "overrides": overrides, "input": args.input,
       "device": {"platform": device.platform, "device_kind": device.device_kind,
                  "devices": jax.local_device_count(), "jax": jax.__version__},
       "runs": {}}
@@ -237,17 +352,22 @@ def main(argv: list[str] | None = None) -> int:
       run_config.dtype = dtype
       workdir = os.path.join(scratch, dtype)
       print(f"Training {args.warmup} + {args.steps} steps in {dtype} ...", flush=True)
-      run = time_training(run_config, args.steps, args.warmup, workdir, compile_log)
+      if args.input == "pipeline":
+        run = time_training(run_config, args.steps, args.warmup, workdir, compile_log)
+      else:
+        run = time_host_arrays(run_config, args.steps, args.warmup, compile_log,
+                               args.num_classes, args.num_modalities)
       peak = device_peak(device.device_kind, dtype)
       if peak is None:
         if cpu_peak is None:
-          cpu_peak = benchmark.matmul_peak(train.make_mesh(jax.local_devices()),
+          cpu_peak = benchmark.matmul_peak(train_step.make_mesh(jax.local_devices()),
                                            args.matmul_size)
         peak = (cpu_peak / run["devices"], "float32 matmul timed here")
       run["peak_flops_per_s"] = peak[0] * run["devices"]
       run["peak_source"] = peak[1]
       run["fraction_of_peak"] = run["achieved_flops_per_s"] / run["peak_flops_per_s"]
       results["runs"][dtype] = run
+      write_json(results, args.output)  # what a run cut short (a lease's end) has measured
   if {"bfloat16", "float32"} <= set(results["runs"]):
     results["bf16_speedup"] = (results["runs"]["float32"]["step_s"]
                                / results["runs"]["bfloat16"]["step_s"])
@@ -256,10 +376,7 @@ def main(argv: list[str] | None = None) -> int:
   results["batch_norm"] = batch_norm_forms(
       (images, config.data.height // 4, config.data.width // 4,
        stage_channels(config.model.depth, config.model.width, 1)))
-  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  with open(args.output + ".tmp", "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(args.output + ".tmp", args.output)
+  write_json(results, args.output)
   print(benchmark.table(results))
   print(f"Wrote {args.output}")
   return 0

@@ -239,7 +239,7 @@ def time_devices(config, per_device_tuples: int, counts: list[int], steps: int, 
   per device (P = n * per_device_tuples / K identities of K tuples)."""
   import jax  # pylint: disable=import-outside-toplevel
 
-  from mmreid_jax import train  # pylint: disable=import-outside-toplevel
+  from mmreid_jax import train_step  # pylint: disable=import-outside-toplevel
 
   out = {}
   k = config.data.tuples_per_identity
@@ -250,7 +250,7 @@ def time_devices(config, per_device_tuples: int, counts: list[int], steps: int, 
                        f"data.tuples_per_identity={k}.")
     variant = config.copy_and_resolve_references()
     variant.data.num_identities = tuples // k
-    mesh = train.make_mesh(jax.local_devices()[:n])
+    mesh = train_step.make_mesh(jax.local_devices()[:n])
     timed = time_train(variant, mesh, steps, warmup, os.path.join(workdir, f"devices{n}"))
     out[str(n)] = {key: timed[key] for key in ("step_s", "images_per_s", "images_per_step",
                                               "compile_s")}
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
   tf.config.set_visible_devices([], "GPU")
   import jax  # pylint: disable=import-outside-toplevel
 
-  from mmreid_jax import train  # pylint: disable=import-outside-toplevel
+  from mmreid_jax import train_step  # pylint: disable=import-outside-toplevel
 
   workdir = args.workdir or os.path.splitext(args.output)[0] + "_work"
   results: dict[str, Any] = {
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                   "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}}
   trainer = None
   if "train" not in args.skip or "pipeline" not in args.skip:
-    mesh = train.make_mesh(jax.local_devices())
+    mesh = train_step.make_mesh(jax.local_devices())
     print(f"Train step on {mesh.size} local devices ...", flush=True)
     timed = time_train(config, mesh, args.steps, args.warmup, os.path.join(workdir, "train"))
     trainer = timed.pop("trainer")

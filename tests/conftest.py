@@ -8,6 +8,11 @@ import os
 from collections.abc import Callable, Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The suite compiles many small programs and runs each a few steps: LLVM's lowest optimisation
+# level compiles them several times faster for a slower step (docs/performance.md, "The test
+# suite"). Set before JAX starts; subprocesses inherit it (add to XLA_FLAGS, never replace it).
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_XLA_FLAGS}".strip()
 
 import pytest  # noqa: E402
 

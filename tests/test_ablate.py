@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmreid_jax import config_lib, evaluate, train
+from mmreid_jax import config_lib, evaluate, train_step
 from mmreid_jax.models.fusion import EarlyConcatFusion, LateFusion
 from mmreid_jax.models.reid import EMBEDDINGS, MultimodalReID
 
@@ -183,7 +183,7 @@ def test_studies_are_config_overrides_of_one_model():
     for name, variant in variants.items():
       config = ablate.variant_config(base, variant, seed=3, pictures=False)
       assert config.seed == 3 and config.eval.pictures is False
-      model, _ = train.build_model(config, num_classes=8, num_modalities=3)
+      model, _ = train_step.build_model(config, num_classes=8, num_modalities=3)
       assert isinstance(model, MultimodalReID), (study, name)
       assert model.embedding in EMBEDDINGS
       if model.embedding != "fusion":  # no branch 3, nothing to reconstruct

@@ -77,3 +77,33 @@ def test_accelerator_check_on_the_tiny_preset(tfds_data_dir: str, jax_cache_dir:
   assert norm["max_grad_difference"] < 1e-5  # the custom VJP is BatchNorm's gradient
   assert norm["closed_form_reductions"] <= norm["autodiff_reductions"]
   assert "runs.float32.fraction_of_peak" in result.stdout
+
+
+def test_host_arrays_input_runs_without_tensorflow(jax_cache_dir: str, tmp_path: Path,
+                                                   compile_lock):
+  """--input host_arrays (for a machine without TensorFlow) imports neither TensorFlow, TFDS nor
+  clu, compiles the step once and times it on batches of the config's shapes; 8 classes and
+  2 + 4 steps make the program the tiny preset's (the tiny set has 8 training identities)."""
+  output = tmp_path / "check.json"
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_COMPILATION_CACHE_DIR": jax_cache_dir,
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
+  blocked = ("tensorflow", "tensorflow_datasets", "clu")
+  program = ("import runpy, sys\n"
+             f"sys.modules.update(dict.fromkeys({blocked!r}))  # an import of these fails\n"
+             "sys.argv = sys.argv[1:]\n"
+             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+  command = [sys.executable, "-c", program, "scripts/accelerator_check.py", "--preset", "tiny",
+             "--input", "host_arrays", "--num-classes", "8", "--output", str(output),
+             "--dtypes", "float32", "--warmup", "2", "--steps", "4", "--matmul-size", "256"]
+  with compile_lock():
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=900, check=False)
+  assert result.returncode == 0, result.stderr[-5000:]
+  report = json.loads(output.read_text())
+  assert report["input"] == "host_arrays"
+  run = report["runs"]["float32"]
+  assert run["compiles"] == 1
+  assert run["images_per_step"] == 4 * 2 * 3
+  assert len(run["step_times_s"]) == 4
+  assert run["flops_per_step"] > 0 and run["fraction_of_peak"] > 0
+  assert run["step_s"] == pytest.approx(sum(run["step_times_s"]) / 4, rel=1e-9)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mmreid_jax import config_lib, losses, run, train
+from mmreid_jax import config_lib, losses, optimizers, run, train_step
 from mmreid_jax.data import augment, datasets, pipeline
 from mmreid_jax.data.sampling import TupleSampler
 from mmreid_jax.models import AGW, MODELS, MultimodalReID
@@ -360,11 +360,11 @@ def _step_metrics(config: ml_collections.ConfigDict, num_modalities: int = 2,
                   slots: tuple[int, ...] | None = None) -> dict:
   """The metric shapes of one train step of `config` (traced with `jax.eval_shape`, nothing
   compiled)."""
-  model, discriminator = train.build_model(config, num_classes=6, num_modalities=num_modalities)
-  tx, schedule = train.make_optimizer(config.optim, 8, config.num_train_steps)
-  disc_tx, disc_schedule = train.make_optimizer(config.disc_optim, 8, config.num_train_steps)
+  model, discriminator = train_step.build_model(config, num_classes=6, num_modalities=num_modalities)
+  tx, schedule = optimizers.make_optimizer(config.optim, 8, config.num_train_steps)
+  disc_tx, disc_schedule = optimizers.make_optimizer(config.disc_optim, 8, config.num_train_steps)
   shape = (config.data.height, config.data.width)
-  init = functools.partial(train.create_train_state, model=model, discriminator=discriminator,
+  init = functools.partial(train_step.create_train_state, model=model, discriminator=discriminator,
                            tx=tx, disc_tx=disc_tx, image_shape=shape,
                            num_modalities=num_modalities)
   state = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
@@ -372,7 +372,7 @@ def _step_metrics(config: ml_collections.ConfigDict, num_modalities: int = 2,
   batch = {"images": jax.ShapeDtypeStruct((8, len(slots)) + shape + (3,), jnp.uint8),
            "present": jax.ShapeDtypeStruct((8, len(slots)), jnp.bool_),
            "labels": jax.ShapeDtypeStruct((8,), jnp.int32)}
-  step = functools.partial(train.train_step, model=model, discriminator=discriminator,
+  step = functools.partial(train_step.train_step, model=model, discriminator=discriminator,
                            loss_config=config.loss, schedules=(schedule, disc_schedule),
                            slot_modalities=slots)
   return jax.eval_shape(step, state, batch)[1]
@@ -404,7 +404,7 @@ def test_agw_paper_preset_traces_at_full_size():
   config = load("agw_sysu_mm01.py")
   metrics = _step_metrics(config)
   assert metrics["loss/wrt"].shape == () and metrics["loss/cross_entropy"].shape == ()
-  assert train.build_model(config, 6, 2)[0].embedding_dim == 2048
+  assert train_step.build_model(config, 6, 2)[0].embedding_dim == 2048
 
 
 def test_lr_multipliers_scale_a_parameter_group():
@@ -415,7 +415,7 @@ def test_lr_multipliers_scale_a_parameter_group():
       "name": "sgd", "base_learning_rate": 0.1, "scale_by_batch": False, "momentum": 0.9,
       "nesterov": True, "weight_decay": 5e-4, "warmup_steps": 0, "schedule": "constant",
       "lr_multipliers": config_lib.AGW_LR_MULTIPLIERS})
-  tx, _ = train.make_optimizer(optim, 32, 10)
+  tx, _ = optimizers.make_optimizer(optim, 32, 10)
   leaf = jnp.arange(6.0).reshape(2, 3)
   params = {"stem_0": {"conv1": {"kernel": leaf}}, "shared": {"layer1_0": {"kernel": leaf}},
             "bnneck": {"bn": {"scale": leaf}}, "classifier": {"weights": leaf}}
@@ -428,11 +428,11 @@ def test_lr_multipliers_scale_a_parameter_group():
     np.testing.assert_allclose(updates["shared"]["layer1_0"]["kernel"], 0.1 * head, rtol=1e-6)
     np.testing.assert_array_equal(updates["bnneck"]["bn"]["scale"], head)
   key = jax.tree_util.DictKey
-  assert train.parameter_path((key("shared"), key("layer1_0"), key("kernel"))) == (
+  assert optimizers.parameter_path((key("shared"), key("layer1_0"), key("kernel"))) == (
       "shared/layer1_0/kernel")
   optim.lr_multipliers = (("(unclosed", 0.1),)
   with pytest.raises(ValueError, match=r"lr_multipliers entry \('\(unclosed', 0.1\)"):
-    train.make_optimizer(optim, 32, 10)
+    optimizers.make_optimizer(optim, 32, 10)
 
 
 # ---------------------------------------------------------------- configs
@@ -448,7 +448,7 @@ def test_baseline_paper_presets(config_file, arg, name, steps_per_epoch):
   8 identities x 4 images per modality, SGD 0.1 head / 0.01 backbone, warm-up 10 epochs,
   x 0.1 at epoch 20 and x 0.01 at 50, 81 epochs."""
   config = load(config_file, arg)
-  model = train.build_model(config, 395, 2)[0]
+  model = train_step.build_model(config, 395, 2)[0]
   assert isinstance(model, AGW) and config.data.name == name
   assert (model.depth, model.width, model.last_stride, model.specific_stages) == (50, 64, 1, 0)
   assert model.non_local == (0, 2, 3, 0) and model.gem_p == 3.0 and not model.attention
@@ -466,7 +466,7 @@ def test_baseline_paper_presets(config_file, arg, name, steps_per_epoch):
   assert config.loss.wrt_agw_normaliser
   assert (config.loss.adaptive_alpha, config.loss.adaptive_gamma,
           config.loss.adaptive_square) == (1.0, 1.0, True)
-  tx, schedule = train.make_optimizer(config.optim, 32, config.num_train_steps)
+  tx, schedule = optimizers.make_optimizer(config.optim, 32, config.num_train_steps)
   assert config.num_train_steps == 81 * steps_per_epoch
   epoch = steps_per_epoch
   rates = [float(schedule(s)) for s in (5 * epoch, 10 * epoch, 20 * epoch - 1, 20 * epoch,

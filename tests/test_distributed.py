@@ -39,7 +39,8 @@ def train(workdir: Path, processes: int, devices_per_process: int, data_dir: str
   """Trains (or resumes) the tiny preset in `workdir` with `processes` processes; their logs."""
   port = free_port()
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+         "XLA_FLAGS": (f"{os.environ.get('XLA_FLAGS', '')} "
+                       f"--xla_force_host_platform_device_count={devices_per_process}"),
          "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
   command = [sys.executable, "-m", "mmreid_jax.main", "--config", "configs/synthetic.py:tiny",
              f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",

@@ -35,7 +35,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from mmreid_jax import config_lib, faults, run, train
+from mmreid_jax import config_lib, faults, run, train, train_step
 from mmreid_jax.data import augment, datasets, pipeline
 from mmreid_jax.data.sampling import TupleSampler
 
@@ -58,7 +58,7 @@ def tiny_config(data_dir: str, **overrides: Any):
   return config
 
 
-def host_state(state: train.TrainState) -> dict[str, Any]:
+def host_state(state: train_step.TrainState) -> dict[str, Any]:
   return {field: jax.device_get(getattr(state, field)) for field in STATE_FIELDS}
 
 
@@ -306,7 +306,7 @@ def sigint_runs(reference: SimpleNamespace, tmp_path: Path, caplog) -> None:
 # ------------------------------------------------------------------- non-finite steps
 
 
-def poisoned(state: train.TrainState) -> train.TrainState:
+def poisoned(state: train_step.TrainState) -> train_step.TrainState:
   """`state` with a NaN in its first parameter array (what a numerical blow-up leaves)."""
   leaves, treedef = jax.tree.flatten(state.params)
   leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(np.nan)
@@ -609,7 +609,8 @@ def test_command_line_errors_are_one_line(tfds_data_dir: str, tmp_path: Path):
   result = subprocess.run(
       main_command("--workdir", str(tmp_path / "b"), f"--config.data.data_dir={tfds_data_dir}"),
       cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=3",
+      env={**env, "XLA_FLAGS": (f"{os.environ.get('XLA_FLAGS', '')} "
+                              "--xla_force_host_platform_device_count=3"),
            "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
   assert result.returncode == 1, result.stderr[-3000:]

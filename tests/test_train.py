@@ -29,7 +29,7 @@ import numpy as np
 import optax
 import pytest
 
-from mmreid_jax import train
+from mmreid_jax import optimizers, train, train_step
 from mmreid_jax.data.pipeline import train_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,8 +110,8 @@ def tiny(tfds_data_dir: str, tmp_path_factory: pytest.TempPathFactory, compile_l
                          after_one=after_one, first_metrics=first_metrics)
 
 
-def step(trainer: train.Trainer, state: train.TrainState, batch: dict[str, np.ndarray]
-         ) -> tuple[train.TrainState, dict[str, float]]:
+def step(trainer: train.Trainer, state: train_step.TrainState, batch: dict[str, np.ndarray]
+         ) -> tuple[train_step.TrainState, dict[str, float]]:
   """One `trainer.train_step` on a host state (the step donates its input); host results."""
   new_state, metrics = trainer.train_step(jax.device_put(state, trainer.replicated),
                                           trainer.device_batch(batch))
@@ -119,7 +119,7 @@ def step(trainer: train.Trainer, state: train.TrainState, batch: dict[str, np.nd
 
 
 @pytest.fixture(scope="module")
-def second_step(tiny: SimpleNamespace) -> tuple[train.TrainState, dict[str, float]]:
+def second_step(tiny: SimpleNamespace) -> tuple[train_step.TrainState, dict[str, float]]:
   """The real second step (generator learning rate > 0) from `tiny.after_one`."""
   return step(tiny.trainer, tiny.after_one, tiny.batches[1])
 
@@ -131,7 +131,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     from configs import synthetic
-    from mmreid_jax import train
+    from mmreid_jax import train, train_step
     from mmreid_jax.data.pipeline import train_batches
 
     data_dir, workdir, initial_path, out_path, runs = sys.argv[1:]
@@ -142,7 +142,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     out = {}
     for name in runs.split(","):
       devices = {"eight": jax.devices(), "one": jax.devices()[:1]}[name]
-      trainer = train.Trainer(config, f"{workdir}/{name}", mesh=train.make_mesh(devices))
+      trainer = train.Trainer(config, f"{workdir}/{name}", mesh=train_step.make_mesh(devices))
       leaves = [initial[f"arr_{i}"] for i in range(len(initial.files))]
       state = jax.tree.unflatten(jax.tree.structure(trainer.abstract_state), leaves)
       state = jax.device_put(state, trainer.replicated)
@@ -172,7 +172,8 @@ def test_step_on_8_devices_equals_1_device(tiny: SimpleNamespace, second_step, t
   initial_path, out_path = tmp_path / "initial.npz", tmp_path / "out.npz"
   np.savez(initial_path, *jax.tree.leaves(tiny.initial))
   on_cpu = jax.default_backend() == "cpu"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=(f"{os.environ.get('XLA_FLAGS', '')} "
+                                    "--xla_force_host_platform_device_count=8"),
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   result = subprocess.run(
       [sys.executable, "-c", MULTI_DEVICE_SCRIPT, tiny.config.data.data_dir,
@@ -222,7 +223,7 @@ def test_step_on_8_devices_equals_1_device(tiny: SimpleNamespace, second_step, t
 # ------------------------------------------------------------------------- the min-max step
 
 
-def manual_discriminator_step(tiny: SimpleNamespace, state: train.TrainState,
+def manual_discriminator_step(tiny: SimpleNamespace, state: train_step.TrainState,
                               batch: dict[str, np.ndarray]) -> Any:
   """The discriminator's parameters after one Adam step, recomputed independently: train-mode
   features of the model (same "mask" RNG), softmax cross-entropy of the true modality over the
@@ -309,14 +310,14 @@ LOSS_TERMS = ("cross_entropy", "triplet", "center", "consistency", "reconstructi
 
 
 def weighted_step(tiny: SimpleNamespace, **weights: float) -> Callable:
-  """`train.train_step` of the tiny model, jitted, with the loss weights of LOSS_TERMS replaced
+  """`train_step.train_step` of the tiny model, jitted, with the loss weights of LOSS_TERMS replaced
   by `weights` (0 where not given)."""
   loss_config = ml_collections.ConfigDict(tiny.config.loss.to_dict())
   for term in LOSS_TERMS:
     loss_config[term] = weights.get(term, 0.0)
   schedule = optax.constant_schedule(0.0)  # logged only
   return jax.jit(functools.partial(
-      train.train_step, model=tiny.trainer.model, discriminator=tiny.trainer.discriminator,
+      train_step.train_step, model=tiny.trainer.model, discriminator=tiny.trainer.discriminator,
       loss_config=loss_config, schedules=(schedule, schedule)))
 
 
@@ -325,7 +326,7 @@ def test_consistency_term_pushes_discriminator_towards_uniform(tiny: SimpleNames
   confusion loss (cross-entropy against the uniform distribution) of the OLD discriminator on
   the same batch and mask draws, by about lr * |gradient|^2 (first order)."""
   lr = 1e-4  # first order holds (drop / (lr |g|^2) was 1.01; 0.54 at lr 3e-3)
-  tx, _ = train.make_optimizer(ml_collections.ConfigDict({
+  tx, _ = optimizers.make_optimizer(ml_collections.ConfigDict({
       "name": "sgd", "base_learning_rate": lr, "scale_by_batch": False, "warmup_steps": 0,
       "schedule": "constant", "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}), 8, 10)
   state = tiny.after_one.replace(tx=tx, opt_state=tx.init(tiny.after_one.params))
@@ -395,7 +396,7 @@ def test_loss_falls_on_tiny_set(tiny: SimpleNamespace, tmp_path: Path):
   batches = list(train_batches(trainer.train_set, trainer.sampler, config, 0, 80
                                ).as_numpy_iterator())
 
-  def loss_on_first_batches(state: train.TrainState) -> float:
+  def loss_on_first_batches(state: train_step.TrainState) -> float:
     """Mean loss of `state`'s parameters on batches 0..7, with step i's mask draws (a step's loss
     precedes its update)."""
     host = jax.device_get(state)
@@ -418,7 +419,7 @@ def test_gradient_clipping_option():
   optim = ml_collections.ConfigDict({
       "name": "sgd", "base_learning_rate": 0.5, "scale_by_batch": False, "warmup_steps": 0,
       "schedule": "constant", "momentum": 0.0, "clip_grad_norm": 1.0})
-  tx, schedule = train.make_optimizer(optim, 8, 10)
+  tx, schedule = optimizers.make_optimizer(optim, 8, 10)
   params = {"w": jnp.ones((2, 2))}
   updates, _ = tx.update({"w": jnp.full((2, 2), 10.0)}, tx.init(params), params)
   assert float(schedule(3)) == 0.5
@@ -432,12 +433,32 @@ def test_gradient_clipping_option():
 DECAYED_NAMES = ("kernel", "corr_left", "corr_right", "weights")
 
 
+def test_misspelt_model_key_is_refused_and_retired_keys_are_dropped(tmp_path: Path):
+  """A `config.model` key that is no attribute of the network (a misspelling) stops the build,
+  naming the key and the valid ones, instead of training the class default; the CPU-form keys
+  of earlier versions' WORKDIR/config.json are dropped when it is read."""
+  config = load_config("tiny", "unused")
+  with config.unlocked():
+    config.model.embed_dimm = 256
+  with pytest.raises(ValueError, match=r"unknown key\(s\) embed_dimm for model 'joint_attention' "
+                     r"\(MultimodalReID\); valid keys: .*\bembed_dim\b.*\bpretrained\b"):
+    train_step.build_model(config, num_classes=8, num_modalities=3)
+  del config.model.embed_dimm
+  with config.unlocked():
+    config.model.conv_1x1 = "dot"
+  train.write_config(config, str(tmp_path))
+  saved = train.read_config(str(tmp_path))
+  assert "conv_1x1" not in saved.model and saved.model.embed_dim == config.model.embed_dim
+  assert train_step.build_model(saved, num_classes=8, num_modalities=3)[0].embed_dim == (
+      config.model.embed_dim)
+
+
 def test_weight_decay_applies_to_kernels_only():
   """On the tiny preset's network and discriminator, the weight-decay mask holds exactly the
   parameters whose name is in DECAYED_NAMES, and those are what the optimizers' weight decay
   moves (from zero gradients)."""
   config = load_config("tiny", "unused")
-  model, discriminator = train.build_model(config, num_classes=8, num_modalities=3)
+  model, discriminator = train_step.build_model(config, num_classes=8, num_modalities=3)
   variables = jax.eval_shape(lambda: model.init(
       {"params": jax.random.key(0), "mask": jax.random.key(1)},
       jnp.zeros((2, 3, 32, 16, 3), jnp.uint8), jnp.ones((2, 3), bool), (0, 1, 2)))
@@ -445,7 +466,7 @@ def test_weight_decay_applies_to_kernels_only():
                                                    jnp.zeros((1, model.embedding_dim))))
   params = {"model": variables["params"], "discriminator": disc["params"]}
   params = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), params)
-  ranks = {train.parameter_path(path): leaf.ndim
+  ranks = {optimizers.parameter_path(path): leaf.ndim
            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
   expected = {p for p in ranks if p.split("/")[-1] in DECAYED_NAMES}
   # The rule is not vacuous: these exist, with ndim > 1, and are left alone.
@@ -453,8 +474,8 @@ def test_weight_decay_applies_to_kernels_only():
     assert ranks[kept] > 1 and kept not in expected
   assert {"model/fusion/corr_left", "model/classifier/weights"} <= expected
 
-  mask = train._weight_decay_mask(params)
-  decayed = {train.parameter_path(path) for path, flag in
+  mask = optimizers._weight_decay_mask(params)
+  decayed = {optimizers.parameter_path(path) for path, flag in
              jax.tree_util.tree_leaves_with_path(mask) if flag}
   assert decayed == expected, (sorted(decayed - expected), sorted(expected - decayed))
   # And the optimizers use that mask ("adam" as "sgd": decayed weights added to the gradients):
@@ -463,10 +484,10 @@ def test_weight_decay_applies_to_kernels_only():
     optim = ml_collections.ConfigDict({
         "name": name, "base_learning_rate": 0.1, "scale_by_batch": False, "warmup_steps": 0,
         "schedule": "constant", "momentum": 0.0, "weight_decay": 0.01})
-    tx, _ = train.make_optimizer(optim, 8, 10)
+    tx, _ = optimizers.make_optimizer(optim, 8, 10)
     updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params),
                                     params)
-    moved = {train.parameter_path(path) for path, u in
+    moved = {optimizers.parameter_path(path) for path, u in
              jax.tree_util.tree_leaves_with_path(updates) if np.any(np.asarray(u) != 0)}
     assert moved == expected, (name, sorted(moved - expected), sorted(expected - moved))
 

@@ -2,7 +2,7 @@
 
 An identity classifier maps the embedding width to a dict of its variables for the loss:
 "class_weights" (num_classes, E) always, and "scale" () for the cosine classifier. The train step
-picks the identity loss by the model's `classifier` name (`train.IDENTITY_LOSSES`).
+picks the identity loss by the model's `classifier` name (`train_step.IDENTITY_LOSSES`).
 """
 
 from __future__ import annotations
