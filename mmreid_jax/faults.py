@@ -1,7 +1,7 @@
 """What a run survives, and the errors it reports instead of a traceback.
 
 - `StopSignals`: SIGTERM or SIGINT during training asks the loop to stop after the step in
-  progress; the trainer then writes a checkpoint and returns (README, "Faults and recovery").
+  progress; the trainer then writes a checkpoint and returns (docs/faults.md).
 - `all_finite` and `BadSteps`: the jitted train step applies no update whose loss, gradients or
   new state hold a NaN or an infinity; the loop counts such steps and stops after
   `config.max_bad_steps` of them in a row with a `NonFiniteError` naming the values that went
