@@ -11,6 +11,7 @@ the same model code with AGW's switches, losses, sampling and schedule.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from collections.abc import Sequence
 import os
@@ -225,8 +226,6 @@ def load_config_with_overrides(config_arg: str, overrides: Sequence[str]
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
-  from mmreid_jax import main as main_lib  # pylint: disable=import-outside-toplevel
-
   for arg in overrides:
     if not arg.startswith(("--config.", "--noconfig.")):
       raise ValueError(f"{arg!r}: only --config.KEY=VALUE overrides are accepted here.")
@@ -239,8 +238,47 @@ def load_config_with_overrides(config_arg: str, overrides: Sequence[str]
   except (AttributeError, KeyError, flags.Error) as error:
     message = None
     try:
-      message = main_lib.unknown_override(argv)
+      message = unknown_override(argv)
     except (OSError, ValueError, AttributeError, KeyError):
       pass
     raise ValueError(message or str(error)) from error
   return flag_values.config
+
+
+def config_file_arg(argv: list[str]) -> str | None:
+  """The value of `--config` in `argv` ("configs/NAME.py[:preset]"), if given."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def unknown_override(argv: list[str]) -> str | None:
+  """Says which `--config.KEY=VALUE` of `argv` names a key that the `--config` file's config
+  lacks, with the keys beside it (None when every override's key exists)."""
+  value = config_file_arg(argv)
+  if value is None:
+    return None
+  path, _, preset = value.partition(":")
+  config = load_config_file(path, preset or None)
+  for arg in argv[1:]:
+    name = arg.split("=", 1)[0]
+    if not name.startswith(("--config.", "--noconfig.")):
+      continue
+    parts = name.split(".")[1:]
+    node = config
+    for depth, part in enumerate(parts):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      parent = ".".join(["config", *parts[:depth]])
+      if not isinstance(node, ml_collections.ConfigDict):
+        return f"{arg}: {parent} is a value, not a group of keys."
+      keys = sorted(node.keys())
+      close = difflib.get_close_matches(part, keys, n=1)
+      return (f"{arg}: {parent} has no key {part!r}"
+              + (f" (did you mean {close[0]!r}?)" if close else "")
+              + f"; its keys: {', '.join(keys)}.")
+  return None

@@ -23,7 +23,6 @@ status 0; a mistake in the config, the data or the workdir is one line on stderr
 
 from __future__ import annotations
 
-import difflib
 import logging as pylogging
 import os
 import re
@@ -32,7 +31,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import ConfigDict, config_flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mmreid_jax import config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:preset]).",
@@ -61,54 +62,13 @@ class _DropLibraryChatter(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
-def config_file_arg(argv: list[str]) -> str | None:
-  """The value of `--config` in `argv` ("configs/NAME.py[:preset]"), if given."""
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg[len("--config="):]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def unknown_override(argv: list[str]) -> str | None:
-  """Says which `--config.KEY=VALUE` of `argv` names a key that the `--config` file's config
-  lacks, with the keys beside it (None when every override's key exists)."""
-  from mmreid_jax import config_lib  # pylint: disable=import-outside-toplevel
-
-  value = config_file_arg(argv)
-  if value is None:
-    return None
-  path, _, preset = value.partition(":")
-  config = config_lib.load_config_file(path, preset or None)
-  for arg in argv[1:]:
-    name = arg.split("=", 1)[0]
-    if not name.startswith(("--config.", "--noconfig.")):
-      continue
-    parts = name.split(".")[1:]
-    node = config
-    for depth, part in enumerate(parts):
-      if isinstance(node, ConfigDict) and part in node:
-        node = node[part]
-        continue
-      parent = ".".join(["config", *parts[:depth]])
-      if not isinstance(node, ConfigDict):
-        return f"{arg}: {parent} is a value, not a group of keys."
-      keys = sorted(node.keys())
-      close = difflib.get_close_matches(part, keys, n=1)
-      return (f"{arg}: {parent} has no key {part!r}"
-              + (f" (did you mean {close[0]!r}?)" if close else "")
-              + f"; its keys: {', '.join(keys)}.")
-  return None
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing; an override of an unknown config key is one line naming the key."""
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as error:  # ml_collections' bare error for an unknown key
     try:
-      message = unknown_override(argv)
+      message = config_lib.unknown_override(argv)
     except (OSError, ValueError, AttributeError, KeyError):  # the config file itself fails
       message = None
     sys.exit(f"FATAL Flags parsing error: {message or error}")
