@@ -319,11 +319,11 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as error:
     raise SystemExit(f"error: {error}") from error
   from mmreid_jax import faults  # pylint: disable=import-outside-toplevel
-  from mmreid_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  from mmreid_jax import runtime  # pylint: disable=import-outside-toplevel
 
   try:  # Restarts this script with the tunables (PyTorch's subprocess inherits them).
-    main_lib.apply_glibc_tunables(config.get("glibc_tunables", ""))
-    main_lib.apply_xla_flags(config.get("xla_flags", ""))
+    runtime.apply_glibc_tunables(config.get("glibc_tunables", ""))
+    runtime.apply_xla_flags(config.get("xla_flags", ""))
   except faults.ConfigError as error:
     raise SystemExit(f"error: {error}") from error
   import tensorflow as tf  # pylint: disable=import-outside-toplevel

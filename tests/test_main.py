@@ -158,7 +158,7 @@ def test_xla_flags_reach_xla_before_the_backend_starts(tmp_path: Path):
   """`config.xla_flags` appended before JAX starts is what XLA runs with (here: a dump folder);
   once the backends run, it is refused by name instead of being ignored."""
   dump = tmp_path / "dump"
-  script = (f"from mmreid_jax import main; main.apply_xla_flags('--xla_dump_to={dump}'); "
+  script = (f"from mmreid_jax import runtime; runtime.apply_xla_flags('--xla_dump_to={dump}'); "
             "import jax, jax.numpy as jnp; "
             "jax.jit(lambda x: x * 3)(jnp.ones(4)).block_until_ready()")
   env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
@@ -167,18 +167,18 @@ def test_xla_flags_reach_xla_before_the_backend_starts(tmp_path: Path):
 
   import jax
 
-  from mmreid_jax import faults, main
+  from mmreid_jax import faults, runtime
   jax.devices()  # the backends run in this process from here on
-  main.apply_xla_flags("")  # nothing to apply: no error
+  runtime.apply_xla_flags("")  # nothing to apply: no error
   with pytest.raises(faults.ConfigError, match="config.xla_flags='--xla_dump_to=x'"):
-    main.apply_xla_flags("--xla_dump_to=x")
+    runtime.apply_xla_flags("--xla_dump_to=x")
 
 
 def _heap_after_large_allocation(tunables: str) -> tuple[str, int]:
   """In a fresh process: `apply_glibc_tunables(tunables)`, then a 320 MB NumPy array; returns
   GLIBC_TUNABLES as the process saw it and the size of its brk heap by the kernel's
   /proc/self/maps (glibc maps blocks this large separately unless told not to)."""
-  script = (f"from mmreid_jax import main; main.apply_glibc_tunables({tunables!r}); "
+  script = (f"from mmreid_jax import runtime; runtime.apply_glibc_tunables({tunables!r}); "
             "import os, numpy as np; a = np.ones(40_000_000); "
             "heap = sum(int(e, 16) - int(s, 16) for s, e in (line.split()[0].split('-') "
             "for line in open('/proc/self/maps') if line.rstrip().endswith('[heap]'))); "
@@ -201,6 +201,6 @@ def test_glibc_tunables_restart_the_process_with_them():
   assert value == ""
   assert heap < 100_000_000
 
-  from mmreid_jax import faults, main
+  from mmreid_jax import faults, runtime
   with pytest.raises(faults.ConfigError, match="config.glibc_tunables='mmap_max=0'"):
-    main.apply_glibc_tunables("mmap_max=0")
+    runtime.apply_glibc_tunables("mmap_max=0")
