@@ -8,14 +8,13 @@ hold each variant's evaluation report.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ import pytest
 from mmreid_jax import config_lib, evaluate, train_step
 from mmreid_jax.models.fusion import EarlyConcatFusion, LateFusion
 from mmreid_jax.models.reid import EMBEDDINGS, MultimodalReID
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 # With test_main.py and test_train.py: the script's runs compile the tiny preset's programs.
@@ -34,19 +34,11 @@ DIRECTIONS = ("rgb->ir", "rgb->depth", "ir->rgb", "ir->depth", "depth->rgb", "de
 RATES = ("rank1", "mAP", "mINP")
 
 
-def load_module(path: Path, name: str) -> ModuleType:
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # dataclasses look their module up
-  spec.loader.exec_module(module)
-  return module
-
-
-ablate = load_module(ROOT / "scripts" / "ablate.py", "ablate_script")
+ablate = load_script("ablate")
 
 
 def tiny_config() -> ml_collections.ConfigDict:
-  return load_module(ROOT / "configs" / "synthetic.py", "synthetic_config").get_config("tiny")
+  return config_lib.load_config_file(ROOT / "configs" / "synthetic.py", "tiny")
 
 
 # ------------------------------------------------------------------- fusion strategies

@@ -4,7 +4,6 @@ closed-form backward equal to autodiff; its table of peaks finds the devices it 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,17 +12,14 @@ from pathlib import Path
 
 import pytest
 
+import script_modules  # tests/, on the path as the test's folder
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xdist_group("training")
 
 
 def load_script():
-  sys.path.insert(0, str(ROOT / "scripts"))
-  spec = importlib.util.spec_from_file_location("accelerator_check", ROOT / "scripts" /
-                                                "accelerator_check.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return script_modules.load_script("accelerator_check")
 
 
 @pytest.mark.parametrize("device_kind, dtype, peak, row", [

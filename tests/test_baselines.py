@@ -13,7 +13,6 @@ AGW) to train and evaluate on the synthetic set exported in SYSU-MM01's layout t
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -33,6 +32,7 @@ from mmreid_jax.models.layers import NonLocal, gem_pool
 from mmreid_jax.models.resnet import ResNet
 
 import make_loss_reference  # tests/, on the path as the test's folder
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 1e-6
@@ -492,19 +492,11 @@ def test_baseline_tiny_and_demo_presets_keep_the_shared_budget():
       assert (config.data.height, config.data.width) == (paper.data.height, paper.data.width)
 
 
-def _load_script(name: str):
-  """scripts/NAME.py as a module."""
-  spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_compare_baselines_equal_images_per_step_and_seed_statistics(tmp_path):
   """The side-by-side's budget: K per method for 96 images per step (the paper's demo recipe
   one image per tuple, AGW two, CAJ three; P = 8), a budget no K gives is refused; with three
   seeds the table holds the mean and the ddof-0 standard deviation of the seeds' values."""
-  script = _load_script("compare_baselines")
+  script = load_script("compare_baselines")
   assert {m: script.tuples_per_identity(m, "demo", 96) for m in ("paper", "agw", "caj")} == {
       "paper": 12, "agw": 6, "caj": 4}
   with pytest.raises(SystemExit, match="not a multiple of caj's P x images per tuple = 8 x 3"):
@@ -581,7 +573,7 @@ def test_training_slots_and_the_second_view_in_batches(tiny_synthetic):
 @pytest.fixture(scope="module")
 def synthetic_sysu(tmp_path_factory) -> Path:
   """`synthetic_mm/tiny` written in SYSU-MM01's layout by scripts/export_synthetic.py."""
-  module = _load_script("export_synthetic")
+  module = load_script("export_synthetic")
   output = tmp_path_factory.mktemp("synthetic_sysu") / "tree"
   assert module.main(["--layout", "sysu_mm01", "--output", str(output), "--config", "tiny"]) == 0
   return output

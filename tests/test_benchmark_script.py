@@ -4,7 +4,6 @@ ranking is the per-query reference it claims to be."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,17 +14,14 @@ import numpy as np
 import pytest
 
 from mmreid_jax import metrics
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xdist_group("training")
 
 
 def load_benchmark():
-  spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" /
-                                                "benchmark.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("benchmark")
 
 
 def test_numpy_reference_ranking_matches_the_metrics():

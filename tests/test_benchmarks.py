@@ -13,7 +13,6 @@ persistent compilation cache shares them.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -30,6 +29,7 @@ from mmreid_jax import config_lib, run
 from mmreid_jax.data import datasets, pipeline
 from mmreid_jax.data.datasets import SyntheticMm, synthetic_render
 from mmreid_jax.data.sampling import TupleSampler
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
@@ -423,11 +423,7 @@ def test_config_arguments_are_checked():
 
 @pytest.fixture(scope="module")
 def export_script():
-  spec = importlib.util.spec_from_file_location("export_synthetic",
-                                                ROOT / "scripts" / "export_synthetic.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("export_synthetic")
 
 
 def decode(path: Path) -> np.ndarray:

@@ -9,7 +9,6 @@ the one test_train.py shares through the persistent cache.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -26,6 +25,7 @@ from mmreid_jax import config_lib, convert, evaluate, export, train
 from mmreid_jax.data import datasets
 from mmreid_jax.data.augment import resize
 from mmreid_jax.inference import Embedder
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODALITIES = ("rgb", "ir", "depth")
@@ -265,9 +265,7 @@ def test_embed_script_writes_embeddings_and_index(run: SimpleNamespace, embedder
     (folder / name).write_bytes(split.images[row])
     names.append(name)
   (folder / "notes.txt").write_text("not an image")
-  spec = importlib.util.spec_from_file_location("embed_script", ROOT / "scripts" / "embed.py")
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = load_script("embed")
   output = tmp_path / "out" / "ir"
   script.main(["--workdir", str(run.workdir), "--images", str(folder), "--modality", "ir",
                "--output", str(output)])

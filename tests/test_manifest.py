@@ -10,7 +10,6 @@ manifest, on a broken one and on the synthetic set in SYSU-MM01's layout.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ from mmreid_jax import config_lib, evaluate, run
 from mmreid_jax.data import datasets
 from mmreid_jax.data import inspect as inspector
 from mmreid_jax.data.datasets import manifest as manifest_lib
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
@@ -239,10 +239,7 @@ def test_inspector_flags_problems(tmp_path):
 def test_inspector_checks_the_official_protocol_sizes(tmp_path):
   """The synthetic set in SYSU-MM01's layout is read by the real builder, and its sizes are
   flagged against SYSU-MM01's published 3,803 queries and 301 gallery images."""
-  spec = importlib.util.spec_from_file_location("export_synthetic",
-                                                ROOT / "scripts" / "export_synthetic.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_script("export_synthetic")
   assert module.main(["--layout", "sysu_mm01", "--output", str(tmp_path / "tree"),
                       "--config", "tiny"]) == 0
   config = config_lib.load_config_file(ROOT / "configs" / "sysu_mm01.py", "tiny")

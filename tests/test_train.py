@@ -10,7 +10,6 @@ Eight devices need a fresh process (`--xla_force_host_platform_device_count`), r
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ import numpy as np
 import optax
 import pytest
 
-from mmreid_jax import optimizers, train, train_step
+from mmreid_jax import config_lib, optimizers, train, train_step
 from mmreid_jax.data.pipeline import train_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +39,7 @@ pytestmark = pytest.mark.xdist_group("training")
 
 def load_config(preset: str, data_dir: str, **overrides: Any) -> ml_collections.ConfigDict:
   """configs/synthetic.py:`preset` reading data from `data_dir`, with dotted-key overrides."""
-  path = ROOT / "configs" / "synthetic.py"
-  spec = importlib.util.spec_from_file_location("synthetic_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(preset)
+  config = config_lib.load_config_file(ROOT / "configs" / "synthetic.py", preset)
   config.data.data_dir = data_dir
   config.update_from_flattened_dict(overrides)
   return config

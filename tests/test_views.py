@@ -11,7 +11,6 @@ when its gradient is non-zero.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmreid_jax import train
+from mmreid_jax import config_lib, train
 from mmreid_jax.data.pipeline import train_batches
 from mmreid_jax.models.attention import CrossModalAttention
 from mmreid_jax.models.fusion import EarlyConcatFusion, MultimodalFusion
@@ -95,11 +94,9 @@ def test_fusions_alone_equal_each_modality_alone():
 def demo_recipe(data_dir: str):
   """configs/synthetic.py's demo recipe (its tuple sampling and views) on the tiny preset's
   network and data, trained by plain SGD without warm-up, momentum or weight decay."""
-  spec = importlib.util.spec_from_file_location("synthetic_config",
-                                                ROOT / "configs" / "synthetic.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  demo, config = module.get_config("demo"), module.get_config("tiny")
+  synthetic = ROOT / "configs" / "synthetic.py"
+  demo = config_lib.load_config_file(synthetic, "demo")
+  config = config_lib.load_config_file(synthetic, "tiny")
   config.data.data_dir = data_dir
   config.data.single_modality_frac = demo.data.single_modality_frac
   config.model.train_alone_views = demo.model.train_alone_views

@@ -8,7 +8,6 @@ report's numbers, the pictures in TensorBoard, and nothing with `config.eval.pic
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmreid_jax import evaluate, metrics, visualize
+from mmreid_jax import config_lib, evaluate, metrics, visualize
 from mmreid_jax.data import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +38,7 @@ SYNTHETIC_PICTURES = PICTURES + ["grid_fused_all.png", "modal_weights_by_conditi
 
 def load_config(preset: str, data_dir: str | None = None) -> ml_collections.ConfigDict:
   """configs/synthetic.py:`preset`, reading data from `data_dir`."""
-  spec = importlib.util.spec_from_file_location("synthetic_config",
-                                                ROOT / "configs" / "synthetic.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(preset)
+  config = config_lib.load_config_file(ROOT / "configs" / "synthetic.py", preset)
   if data_dir is not None:
     config.data.data_dir = data_dir
   return config
