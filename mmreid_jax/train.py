@@ -31,9 +31,7 @@ from mmreid_jax import convert, faults
 from mmreid_jax.data import datasets
 from mmreid_jax.data.pipeline import train_batches, training_slots
 from mmreid_jax.data.sampling import TupleSampler
-from mmreid_jax.optimizers import make_optimizer
-from mmreid_jax.train_step import (RETIRED_MODEL_KEYS, TrainState, build_model,
-                                   create_train_state, make_mesh, train_step)
+from mmreid_jax.train_step import RETIRED_MODEL_KEYS, TrainState, build_training, make_mesh
 
 
 class Trainer:
@@ -74,26 +72,13 @@ class Trainer:
     # device: over many steps, the differences are the device's step times.
     self.timeline: list[tuple[int, float, float]] = []
     self._saving: int | None = None  # the step of the newest checkpoint save begun
-    self.model, self.discriminator = build_model(config, self.sampler.num_classes,
-                                                 self.num_modalities)
-    tx, schedule = make_optimizer(config.optim, batch_size, config.num_train_steps)
-    disc_tx, disc_schedule = make_optimizer(config.disc_optim, batch_size,
-                                            config.num_train_steps)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
-    init = functools.partial(create_train_state, model=self.model,
-                             discriminator=self.discriminator, tx=tx, disc_tx=disc_tx,
-                             image_shape=(config.data.height, config.data.width),
-                             num_modalities=self.num_modalities)
+    self.model, self.discriminator, init, self.train_step = build_training(
+        config, self.sampler.num_classes, self.num_modalities, batch_size, self.mesh,
+        training_slots(self.train_set.modality_names, config.augment))
     self._init = jax.jit(init, out_shardings=self.replicated)
     self.abstract_state = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
-    step_fn = functools.partial(train_step, model=self.model, discriminator=self.discriminator,
-                                loss_config=config.loss, schedules=(schedule, disc_schedule),
-                                slot_modalities=training_slots(self.train_set.modality_names,
-                                                               config.augment))
-    self.train_step = jax.jit(step_fn, in_shardings=(self.replicated, self.batch_sharding),
-                              out_shardings=(self.replicated, self.replicated),
-                              donate_argnums=0)
 
   def initial_state(self) -> TrainState:
     """A freshly initialised, replicated state (seeded by `config.seed`).

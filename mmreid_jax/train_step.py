@@ -18,6 +18,7 @@ tf.data pipeline; this module imports no TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,10 +29,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmreid_jax import faults, losses
 from mmreid_jax.models import MODELS, ModalityDiscriminator
+from mmreid_jax.optimizers import make_optimizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -281,3 +284,28 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
+
+def build_training(config: ml_collections.ConfigDict, num_classes: int, num_modalities: int,
+                   batch_size: int, mesh: Mesh, slot_modalities: Sequence[int] | None = None
+                   ) -> tuple[nn.Module, nn.Module, Callable[[jax.Array], TrainState],
+                              Callable[..., tuple[TrainState, dict[str, jax.Array]]]]:
+  """The networks, state initialiser and jitted train step of `config` over `mesh`.
+
+  Returns `(model, discriminator, init, step)`: `init(key_data)` builds the train state (not
+  jitted, so `jax.eval_shape` can trace it); `step` is `train_step` jitted with the state
+  replicated and donated and the batch sharded on the "data" axis, its learning rates scheduled
+  over `config.num_train_steps` steps of `batch_size` tuples.
+  """
+  model, discriminator = build_model(config, num_classes, num_modalities)
+  tx, schedule = make_optimizer(config.optim, batch_size, config.num_train_steps)
+  disc_tx, disc_schedule = make_optimizer(config.disc_optim, batch_size, config.num_train_steps)
+  init = functools.partial(create_train_state, model=model, discriminator=discriminator, tx=tx,
+                           disc_tx=disc_tx, image_shape=(config.data.height, config.data.width),
+                           num_modalities=num_modalities)
+  replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  step = jax.jit(functools.partial(train_step, model=model, discriminator=discriminator,
+                                   loss_config=config.loss, schedules=(schedule, disc_schedule),
+                                   slot_modalities=slot_modalities),
+                 in_shardings=(replicated, batched), out_shardings=(replicated, replicated),
+                 donate_argnums=0)
+  return model, discriminator, init, step

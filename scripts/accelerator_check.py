@@ -54,7 +54,6 @@ import json
 import os
 import statistics
 import sys
-import functools
 import tempfile
 import time
 from pathlib import Path
@@ -156,7 +155,6 @@ def time_host_arrays(config, steps: int, warmup: int, compile_log: CompileLog,
 
   from mmreid_jax import faults  # pylint: disable=import-outside-toplevel
   from mmreid_jax import train_step as step_lib  # pylint: disable=import-outside-toplevel
-  from mmreid_jax.optimizers import make_optimizer  # pylint: disable=import-outside-toplevel
 
   if config.augment.get("exchange_view", False):
     raise SystemExit("error: --input host_arrays builds one slot per modality; "
@@ -168,23 +166,15 @@ def time_host_arrays(config, steps: int, warmup: int, compile_log: CompileLog,
   if batch_size % jax.process_count() or (batch_size // jax.process_count()) % mesh.local_mesh.size:
     raise SystemExit(f"error: {batch_size} tuples a step do not divide over the devices.")
   total_steps = warmup + steps
-  model, discriminator = step_lib.build_model(config, num_classes, num_modalities)
-  tx, schedule = make_optimizer(config.optim, batch_size, total_steps)
-  disc_tx, disc_schedule = make_optimizer(config.disc_optim, batch_size, total_steps)
-  init = functools.partial(step_lib.create_train_state, model=model, discriminator=discriminator,
-                           tx=tx, disc_tx=disc_tx, image_shape=(config.data.height,
-                                                                config.data.width),
-                           num_modalities=num_modalities)
+  config = config.copy_and_resolve_references()
+  config.num_train_steps = total_steps
+  _, _, init, step_fn = step_lib.build_training(config, num_classes, num_modalities, batch_size,
+                                                mesh)
   key = jax.random.key_data(jax.random.key(config.seed))
   state = jax.jit(init, out_shardings=replicated)(key)
   abstract_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       jax.eval_shape(init, key))
-  step_fn = jax.jit(functools.partial(step_lib.train_step, model=model,
-                                      discriminator=discriminator, loss_config=config.loss,
-                                      schedules=(schedule, disc_schedule)),
-                    in_shardings=(replicated, batch_sharding),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
 
   rng = np.random.default_rng(config.seed)
   local = batch_size // jax.process_count()
